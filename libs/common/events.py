@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
+from flockwatch.common import topics
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 SCHEMA_VERSION: Literal[1] = 1
@@ -29,12 +30,23 @@ class Event(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     schema_version: Literal[1] = Field(SCHEMA_VERSION, description="Version of this message's schema.")
-    message_id: str = Field(min_length=1, max_length=200, description="Idempotency key: handlers ignore repeats.")
+    message_id: str = Field(
+        min_length=1, max_length=200, description="Idempotency key: handlers ignore repeats."
+    )
     timestamp: datetime = Field(default_factory=utcnow, description="When the message was created (UTC).")
+
+    TOPIC: ClassVar[str]
+
+    @property
+    def key(self) -> str:
+        """The bus key (partitioning key): the text id where there is one."""
+        return str(getattr(self, "text_id", self.message_id))
 
 
 class TextSubmitted(Event):
     """A text to classify, published by the gateway."""
+
+    TOPIC: ClassVar[str] = topics.TEXT_SUBMITTED
 
     text_id: str = Field(min_length=1, max_length=128, description="Id of the text; the bus key.")
     text: str = Field(min_length=1, description="The text itself.")
@@ -54,6 +66,8 @@ class SafetyTrigger(BaseModel):
 class Vote(Event):
     """One voter's opinion on one text: class probabilities, or an abstention with a reason."""
 
+    TOPIC: ClassVar[str] = topics.VOTE_CAST
+
     text_id: str = Field(min_length=1, max_length=128)
     voter: str = Field(min_length=1, max_length=64, description="Name of the voter (one model of a service).")
     model_version: str = Field(description="Version of the model or rules that voted.")
@@ -61,7 +75,9 @@ class Vote(Event):
     abstain: bool = False
     abstain_reason: str | None = None
     safety: list[SafetyTrigger] = Field(default_factory=list, description="Safety triggers that fired.")
-    evidence: list[str] = Field(default_factory=list, description="Why: e.g. the ids of the rules that fired.")
+    evidence: list[str] = Field(
+        default_factory=list, description="Why: e.g. the ids of the rules that fired."
+    )
     latency_ms: float = Field(ge=0, description="Time the voter spent on this text (its batch share).")
 
     @model_validator(mode="after")
@@ -84,6 +100,8 @@ class Vote(Event):
 class Decision(Event):
     """The arbiter's answer for a text, with everything needed to reproduce it."""
 
+    TOPIC: ClassVar[str] = topics.DECISION_MADE
+
     text_id: str = Field(min_length=1, max_length=128)
     prediction: Label | None = Field(None, description="The predicted class; None when abstaining.")
     confidence: float = Field(ge=0, le=1, description="Probability of the top class after combination.")
@@ -93,7 +111,9 @@ class Decision(Event):
     probabilities: dict[Label, float] = Field(default_factory=dict, description="Combined probabilities.")
     path: Literal["consensus", "combiner", "no_votes"] = Field(description="Which arbiter path decided.")
     votes: list[Vote] = Field(description="The votes used, each with its voter's model/rules version.")
-    missing_voters: list[str] = Field(default_factory=list, description="Expected voters that did not arrive.")
+    missing_voters: list[str] = Field(
+        default_factory=list, description="Expected voters that did not arrive."
+    )
     safety_applied: list[SafetyTrigger] = Field(default_factory=list)
     arbiter_version: str
     thresholds: dict[str, float] = Field(description="The arbiter thresholds in force.")
@@ -107,6 +127,8 @@ class Decision(Event):
 
 class FeedbackSubmitted(Event):
     """A human correction (true label) or a thumbs up/down for a decided text."""
+
+    TOPIC: ClassVar[str] = topics.FEEDBACK_SUBMITTED
 
     text_id: str = Field(min_length=1, max_length=128)
     label: Label | None = Field(None, description="The true label, when the reviewer gives one.")
@@ -124,6 +146,8 @@ class FeedbackSubmitted(Event):
 class ModelPublished(Event):
     """A new model version is ready; services that use the component reload it."""
 
+    TOPIC: ClassVar[str] = topics.MODEL_PUBLISHED
+
     component: str = Field(description="Which component: a voter name, 'arbiter', or 'bundle'.")
     version: str
     path: str = Field(description="Artifact directory (shared volume or object-store path).")
@@ -133,6 +157,8 @@ class ModelPublished(Event):
 
 class DeadLetter(Event):
     """A message no handler could take, kept with the error so nothing is lost."""
+
+    TOPIC: ClassVar[str] = topics.DEAD_LETTER
 
     topic: str
     consumer: str

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
 from flockwatch.common.yamlconfig import load_model
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class LabelSpec(BaseModel):

@@ -1,0 +1,52 @@
+"""The in-process bus (`memory://`): asyncio queues with consumer groups, the embedded default."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from flockwatch.common.bus import Bus, Route
+
+
+class MemoryBus(Bus):
+    """Each (topic, group) is a queue; instances of a group compete for it, like a broker's group."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._queues: dict[str, dict[str, asyncio.Queue[bytes]]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _queue(self, route: Route[Any]) -> asyncio.Queue[bytes]:
+        groups = self._queues.setdefault(route.topic, {})
+        return groups.setdefault(self.group_of(route), asyncio.Queue())
+
+    async def publish_raw(self, topic: str, payload: bytes, key: str) -> None:
+        for queue in self._queues.get(topic, {}).values():
+            queue.put_nowait(payload)
+
+    async def start(self) -> None:
+        for route in self.routes:
+            queue = self._queue(route)
+            self._tasks.append(
+                asyncio.create_task(self._consume(route, queue), name=f"consume:{route.group}")
+            )
+
+    async def _consume(self, route: Route[Any], queue: asyncio.Queue[bytes]) -> None:
+        while True:
+            batch = [await queue.get()]
+            while len(batch) < route.max_batch and not queue.empty():
+                batch.append(queue.get_nowait())
+            if len(batch) < route.max_batch and route.max_wait_ms:
+                await asyncio.sleep(route.max_wait_ms / 1000)
+                while len(batch) < route.max_batch and not queue.empty():
+                    batch.append(queue.get_nowait())
+            await self.dispatch(route, batch)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
