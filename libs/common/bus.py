@@ -102,9 +102,7 @@ class Bus(ABC):
         """Publish events, each to its type's topic, keyed by its text id; concurrently (pipelined)."""
         if not events:
             return
-        await asyncio.gather(
-            *(self.publish_raw(e.TOPIC, e.model_dump_json().encode(), e.key) for e in events)
-        )
+        await asyncio.gather(*(self.publish_raw(e.TOPIC, e.model_dump_json().encode(), e.key) for e in events))
         for e in events:
             telemetry.MESSAGES_OUT.labels(e.TOPIC).inc()
 

@@ -99,9 +99,7 @@ class FastStreamBus(Bus):
                 route.topic,
                 stream=NATS_STREAM,
                 durable=None if route.broadcast else group.replace(".", "_"),
-                pull_sub=PullSub(
-                    batch_size=route.max_batch, timeout=max(0.001, route.max_wait_ms / 1000), batch=True
-                ),
+                pull_sub=PullSub(batch_size=route.max_batch, timeout=max(0.001, route.max_wait_ms / 1000), batch=True),
                 ack_policy=AckPolicy.ACK,
                 decoder=raw_batch_decoder,
             )

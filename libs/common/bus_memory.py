@@ -28,9 +28,7 @@ class MemoryBus(Bus):
     async def start(self) -> None:
         for route in self.routes:
             queue = self._queue(route)
-            self._tasks.append(
-                asyncio.create_task(self._consume(route, queue), name=f"consume:{route.group}")
-            )
+            self._tasks.append(asyncio.create_task(self._consume(route, queue), name=f"consume:{route.group}"))
 
     async def _consume(self, route: Route[Any], queue: asyncio.Queue[bytes]) -> None:
         while True:

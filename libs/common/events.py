@@ -30,9 +30,7 @@ class Event(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     schema_version: Literal[1] = Field(SCHEMA_VERSION, description="Version of this message's schema.")
-    message_id: str = Field(
-        min_length=1, max_length=200, description="Idempotency key: handlers ignore repeats."
-    )
+    message_id: str = Field(min_length=1, max_length=200, description="Idempotency key: handlers ignore repeats.")
     timestamp: datetime = Field(default_factory=utcnow, description="When the message was created (UTC).")
 
     TOPIC: ClassVar[str]
@@ -75,9 +73,7 @@ class Vote(Event):
     abstain: bool = False
     abstain_reason: str | None = None
     safety: list[SafetyTrigger] = Field(default_factory=list, description="Safety triggers that fired.")
-    evidence: list[str] = Field(
-        default_factory=list, description="Why: e.g. the ids of the rules that fired."
-    )
+    evidence: list[str] = Field(default_factory=list, description="Why: e.g. the ids of the rules that fired.")
     latency_ms: float = Field(ge=0, description="Time the voter spent on this text (its batch share).")
 
     @model_validator(mode="after")
@@ -111,9 +107,7 @@ class Decision(Event):
     probabilities: dict[Label, float] = Field(default_factory=dict, description="Combined probabilities.")
     path: Literal["consensus", "combiner", "no_votes"] = Field(description="Which arbiter path decided.")
     votes: list[Vote] = Field(description="The votes used, each with its voter's model/rules version.")
-    missing_voters: list[str] = Field(
-        default_factory=list, description="Expected voters that did not arrive."
-    )
+    missing_voters: list[str] = Field(default_factory=list, description="Expected voters that did not arrive.")
     safety_applied: list[SafetyTrigger] = Field(default_factory=list)
     arbiter_version: str
     thresholds: dict[str, float] = Field(description="The arbiter thresholds in force.")

@@ -30,7 +30,8 @@ def as_prob_matrix(probs: ProbRows, n_classes: int) -> NDArray[np.float64]:
 
 def has_opinion(probs: NDArray[np.floating[Any]]) -> NDArray[np.bool_]:
     """Rows that hold probabilities (no NaN): the texts where the voter did not abstain."""
-    return ~np.isnan(probs).any(axis=1)
+    answered: NDArray[np.bool_] = ~np.isnan(probs).any(axis=1)
+    return answered
 
 
 def expected_calibration_error(probs: ArrayLike, y: ArrayLike, n_bins: int = 15) -> float:
@@ -62,9 +63,7 @@ def brier_score(probs: ArrayLike, y: ArrayLike) -> float:
     return float(((p - onehot) ** 2).sum(axis=1).mean())
 
 
-def risk_coverage(
-    probs: ArrayLike, y: ArrayLike, thresholds: Sequence[float]
-) -> list[dict[str, float | None]]:
+def risk_coverage(probs: ArrayLike, y: ArrayLike, thresholds: Sequence[float]) -> list[dict[str, float | None]]:
     """Coverage and error rate among answered texts when answering only where max probability ≥ t."""
     p = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(y, dtype=np.int64)
@@ -86,9 +85,7 @@ def risk_coverage(
     return rows
 
 
-def _f1_by_class(
-    y: NDArray[np.int64], pred: NDArray[np.int64], classes: list[str]
-) -> dict[str, float | None]:
+def _f1_by_class(y: NDArray[np.int64], pred: NDArray[np.int64], classes: list[str]) -> dict[str, float | None]:
     """F1 per class; None for a class that is neither in the truth nor predicted (undefined)."""
     if len(y) == 0:
         return dict.fromkeys(classes)

@@ -16,9 +16,7 @@ class SliceSpec(BaseModel):
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
     description: str = ""
-    pattern: str | None = Field(
-        None, description="Regular expression searched in the text (case-insensitive)."
-    )
+    pattern: str | None = Field(None, description="Regular expression searched in the text (case-insensitive).")
     min_chars: int | None = Field(None, ge=0)
     max_chars: int | None = Field(None, ge=0)
     metadata: dict[str, str] = Field(default_factory=dict, description="Metadata keys that must equal these.")

@@ -7,9 +7,7 @@ from prometheus_client import Counter, Gauge, Histogram
 MESSAGES_IN = Counter("flockwatch_messages_in_total", "Messages consumed", ["topic", "group"])
 MESSAGES_OUT = Counter("flockwatch_messages_out_total", "Messages published", ["topic"])
 DUPLICATES = Counter("flockwatch_duplicates_total", "Redelivered messages dropped", ["topic", "group"])
-DEAD_LETTERS = Counter(
-    "flockwatch_dead_letters_total", "Messages sent to the dead-letter topic", ["topic", "group"]
-)
+DEAD_LETTERS = Counter("flockwatch_dead_letters_total", "Messages sent to the dead-letter topic", ["topic", "group"])
 BATCH_SIZE = Histogram(
     "flockwatch_batch_size",
     "Messages per handler call",

@@ -7,10 +7,9 @@ from functools import reduce
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
-
 from flockwatch.common.labels import LabelConfig
 from flockwatch.common.yamlconfig import ConfigError, line_of, load_model, load_yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 FlagName = Literal["IGNORECASE", "MULTILINE", "DOTALL", "ASCII", "VERBOSE"]
 Loc = tuple[int | str, ...]
@@ -81,7 +80,9 @@ class RuleSet(BaseModel):
         seen: dict[str, int] = {}
         for i, rule in enumerate(rules):
             if rule.id in seen:
-                problems.append(f"rule {rule.id!r}{_at(info, ('rules', i, 'id'))}: duplicate id (first at rules.{seen[rule.id]})")
+                problems.append(
+                    f"rule {rule.id!r}{_at(info, ('rules', i, 'id'))}: duplicate id (first at rules.{seen[rule.id]})"
+                )
             seen.setdefault(rule.id, i)
             flags = compile_flags(rule.flags if rule.flags is not None else defaults.flags)
             for field in ("patterns", "exclude"):

@@ -1,0 +1,72 @@
+"""Run services: all in one process on one bus (embedded), or one per process over a broker."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+
+import uvicorn
+from flockwatch.arbiter.app import ArbiterService
+from flockwatch.arbiter.settings import ArbiterSettings
+from flockwatch.classical_voter.app import ClassicalVoterService
+from flockwatch.common.bus import Bus, create_bus
+from flockwatch.common.service import Service
+from flockwatch.common.settings import CommonSettings
+from flockwatch.gateway.app import create_app
+from flockwatch.gateway.settings import GatewaySettings
+from flockwatch.regex_voter.app import RegexVoterService
+
+log = logging.getLogger("flockwatch")
+
+SERVICES: dict[str, Callable[[Bus], Service]] = {
+    "regex_voter": lambda bus: RegexVoterService(bus, CommonSettings()),
+    "classical_voter": lambda bus: ClassicalVoterService(bus, CommonSettings()),
+    "arbiter": lambda bus: ArbiterService(bus, ArbiterSettings()),
+}
+ALL = ["gateway", *SERVICES]
+
+
+def build(names: list[str], settings: CommonSettings) -> tuple[Bus, list[Service]]:
+    """One bus and the named (non-gateway) services registered on it."""
+    unknown = sorted(set(names) - set(ALL))
+    if unknown:
+        raise ValueError(f"unknown service(s) {unknown}; choose from {ALL}")
+    bus = create_bus(settings)
+    return bus, [SERVICES[name](bus) for name in names if name != "gateway"]
+
+
+async def run_workers(bus: Bus, services: list[Service]) -> None:
+    """Run bus consumers until SIGINT/SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    for service in services:
+        await service.start()
+    async with bus:
+        log.info("running %s on %s", ", ".join(s.name for s in services), bus.settings.bus_scheme)
+        print("ready", flush=True)  # noqa: T201 - a line the process supervisor (and tests) wait for
+        await stop.wait()
+    for service in services:
+        await service.stop()
+
+
+def serve(names: list[str], host: str | None = None, port: int | None = None) -> None:
+    """Run the named services in this process; with the gateway, behind uvicorn (uvloop + httptools)."""
+    settings = GatewaySettings()
+    bus, services = build(names, settings)
+    if "gateway" not in names:
+        asyncio.run(run_workers(bus, services))
+        return
+    app = create_app(settings, bus, services)
+    uvicorn.run(
+        app,
+        host=host or settings.host,
+        port=port if port is not None else settings.port,
+        loop="uvloop",
+        http="httptools",
+        log_level="warning",
+        access_log=False,
+    )

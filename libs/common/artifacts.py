@@ -1,0 +1,118 @@
+"""Model artifacts: versioned directories with a manifest (version, parent, sha256s, data hash, metrics)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import joblib
+from pydantic import BaseModel, Field
+
+MANIFEST = "manifest.json"
+
+
+class ArtifactError(RuntimeError):
+    """An artifact is missing, incomplete, or does not match its manifest; it must not be loaded."""
+
+
+class Manifest(BaseModel):
+    """What an artifact directory holds and how it was made."""
+
+    name: str
+    version: str
+    parent: str | None = None
+    created: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    data_sha256: str | None = None
+    files: dict[str, str] = Field(default_factory=dict, description="relative path → sha256")
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    components: dict[str, str] = Field(default_factory=dict, description="component → its version")
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file."""
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> Manifest:
+    """Hash every file under `directory` into the manifest and write it; returns the completed manifest."""
+    files = {
+        str(p.relative_to(directory)): sha256_file(p)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    manifest = manifest.model_copy(update={"files": files})
+    (directory / MANIFEST).write_text(manifest.model_dump_json(indent=2), encoding="utf-8")
+    return manifest
+
+
+def manifest_sha256(directory: Path) -> str:
+    """The sha256 of a bundle's manifest file: one hash that pins every file of the bundle."""
+    return sha256_file(directory / MANIFEST)
+
+
+def read_manifest(directory: Path, verify: bool = True) -> Manifest:
+    """Read a manifest; with `verify`, check every file's sha256 and refuse extra or missing files."""
+    path = Path(directory) / MANIFEST
+    if not path.exists():
+        raise ArtifactError(f"{directory}: no {MANIFEST} (not an artifact directory; run `flockwatch train`)")
+    manifest = Manifest.model_validate_json(path.read_text(encoding="utf-8"))
+    if verify:
+        for rel, digest in manifest.files.items():
+            file = Path(directory) / rel
+            if not file.exists():
+                raise ArtifactError(f"{directory}: {rel} is listed in the manifest but missing")
+            actual = sha256_file(file)
+            if actual != digest:
+                raise ArtifactError(f"{directory}: {rel} has sha256 {actual[:12]}…, manifest says {digest[:12]}…")
+    return manifest
+
+
+def verified_file(directory: Path, rel: str) -> Path:
+    """A file of a verified artifact (its hash checked now, right before use)."""
+    manifest = read_manifest(directory, verify=False)
+    file = Path(directory) / rel
+    if rel not in manifest.files:
+        raise ArtifactError(f"{directory}: {rel} is not in the manifest")
+    if not file.exists() or sha256_file(file) != manifest.files[rel]:
+        raise ArtifactError(f"{directory}: {rel} does not match its manifest sha256")
+    return file
+
+
+def load_joblib(directory: Path, rel: str) -> Any:
+    """Unpickle a file only after its sha256 matches the manifest (pickles run code on load)."""
+    return joblib.load(verified_file(directory, rel))
+
+
+def load_json(directory: Path, rel: str) -> Any:
+    """Read a JSON file of a verified artifact."""
+    return json.loads(verified_file(directory, rel).read_text(encoding="utf-8"))
+
+
+def new_version(data_sha256: str) -> str:
+    """A sortable version string: UTC time plus a short data hash."""
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%S}-{data_sha256[:8]}"
+
+
+def publish_dir(staging: Path, root: Path, version: str) -> Path:
+    """Move a finished staging directory to `root/version` and point `root/current` at it."""
+    target = root / version
+    if target.exists():
+        shutil.rmtree(target)
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(staging), target)
+    current = root / "current"
+    tmp = root / ".current.tmp"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(version)
+    tmp.replace(current)
+    return target

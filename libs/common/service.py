@@ -1,0 +1,100 @@
+"""What every service shares: a lifecycle, and for voters the batch vote handler and hot reload."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+
+from flockwatch.common import telemetry, topics
+from flockwatch.common.artifacts import ArtifactError
+from flockwatch.common.bus import Bus
+from flockwatch.common.events import ModelPublished, TextSubmitted, Vote
+from flockwatch.common.settings import CommonSettings
+from flockwatch.common.voting import Opinion, to_vote
+
+log = logging.getLogger(__name__)
+
+
+class Service(ABC):
+    """A service registers its handlers on a bus when built and loads its resources in `start`."""
+
+    name: str
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Load artifacts and open resources (before the bus delivers anything)."""
+
+    async def stop(self) -> None:
+        """Release resources."""
+
+
+class VoterCore(ABC):
+    """A loaded voter model: the names it votes under, its version, and a batch predict."""
+
+    version: str
+    voters: Sequence[str]
+
+    @abstractmethod
+    def predict(self, texts: Sequence[str]) -> dict[str, list[Opinion]]:
+        """One opinion per text for each voter name."""
+
+
+class VoterService(Service):
+    """Consumes submitted texts in batches, votes with one vectorized call, reloads on ModelPublished."""
+
+    def __init__(self, bus: Bus, settings: CommonSettings) -> None:
+        self.settings = settings
+        self.core: VoterCore | None = None
+        bus.subscribe(topics.TEXT_SUBMITTED, TextSubmitted, group=self.name)(self.on_texts)
+        bus.subscribe(topics.MODEL_PUBLISHED, ModelPublished, group=self.name, broadcast=True)(self.on_model)
+
+    @abstractmethod
+    def load(self, model_dir: Path) -> VoterCore | None:
+        """Load (and verify) this voter's part of a model bundle; None when the bundle has none."""
+
+    async def start(self) -> None:
+        self.core = await asyncio.to_thread(self.load, self.settings.model_dir)
+        self._announce()
+
+    def _announce(self) -> None:
+        if self.core is None:
+            log.warning(
+                "%s: the bundle in %s has nothing for this voter; it will not vote", self.name, self.settings.model_dir
+            )
+            return
+        log.info("%s: loaded %s (%s)", self.name, self.core.version, ", ".join(self.core.voters))
+        telemetry.MODEL_INFO.labels(self.name, self.core.version).set(1)
+
+    async def on_texts(self, msgs: list[TextSubmitted]) -> list[Vote]:
+        """Vote on a batch of texts."""
+        core = self.core
+        if core is None:
+            return []
+        start = time.perf_counter()
+        opinions = await asyncio.to_thread(core.predict, [m.text for m in msgs])
+        per_text_ms = (time.perf_counter() - start) * 1000 / len(msgs)
+        votes = [
+            to_vote(msg, voter, core.version, opinion, per_text_ms)
+            for voter, column in opinions.items()
+            for msg, opinion in zip(msgs, column, strict=True)
+        ]
+        for vote in votes:
+            telemetry.VOTES.labels(vote.voter, "abstain" if vote.abstain else "vote").inc()
+        return votes
+
+    async def on_model(self, msgs: list[ModelPublished]) -> list[Vote]:
+        """Hot reload: swap in a newly published bundle; keep the old one if the new one is refused."""
+        for msg in msgs:
+            if msg.component not in ("bundle", self.name):
+                continue
+            try:
+                self.core = await asyncio.to_thread(self.load, Path(msg.path))
+            except (ArtifactError, OSError, ValueError) as exc:
+                log.error("%s: refused model %s from %s: %s", self.name, msg.version, msg.path, exc)
+                continue
+            self._announce()
+        return []

@@ -1,0 +1,87 @@
+"""HTTP request and response bodies of the gateway."""
+
+from __future__ import annotations
+
+from flockwatch.common.events import Decision
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
+
+
+class PredictRequest(BaseModel):
+    """A text to classify."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: StrictStr = Field(description="The text; must contain a non-space character.")
+    text_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="Your id for the text; a new one is made when omitted.",
+    )
+    metadata: dict[str, StrictStr] = Field(default_factory=dict, description="E.g. source, language.")
+
+
+class VoterOutput(BaseModel):
+    """One voter's part in a decision."""
+
+    model_version: str
+    probabilities: dict[str, float] | None
+    abstain: bool
+    abstain_reason: str | None = None
+    evidence: list[str] = Field(default_factory=list)
+
+
+class PredictResponse(BaseModel):
+    """The decision for a text, with every voter's output."""
+
+    text_id: str
+    prediction: str | None
+    confidence: float
+    abstain: bool
+    abstain_reason: str | None
+    prediction_set: list[str]
+    voter_outputs: dict[str, VoterOutput]
+    missing_voters: list[str]
+    path: str
+    arbiter_version: str
+    latency_ms: float
+
+    @classmethod
+    def of(cls, decision: Decision) -> PredictResponse:
+        """The response for a decision."""
+        return cls(
+            text_id=decision.text_id,
+            prediction=decision.prediction,
+            confidence=decision.confidence,
+            abstain=decision.abstain,
+            abstain_reason=decision.abstain_reason,
+            prediction_set=decision.prediction_set,
+            voter_outputs={
+                v.voter: VoterOutput(
+                    model_version=v.model_version,
+                    probabilities=v.probabilities,
+                    abstain=v.abstain,
+                    abstain_reason=v.abstain_reason,
+                    evidence=v.evidence,
+                )
+                for v in decision.votes
+            },
+            missing_voters=decision.missing_voters,
+            path=decision.path,
+            arbiter_version=decision.arbiter_version,
+            latency_ms=decision.latency_ms,
+        )
+
+
+class Accepted(BaseModel):
+    """A text accepted for asynchronous classification."""
+
+    text_id: str
+    status_url: str
+
+
+class Problem(BaseModel):
+    """An error: what was wrong, in words."""
+
+    detail: str
