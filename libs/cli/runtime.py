@@ -20,10 +20,11 @@ from flockwatch.regex_voter.app import RegexVoterService
 
 log = logging.getLogger("flockwatch")
 
-SERVICES: dict[str, Callable[[Bus], Service]] = {
-    "regex_voter": lambda bus: RegexVoterService(bus, CommonSettings()),
-    "classical_voter": lambda bus: ClassicalVoterService(bus, CommonSettings()),
-    "arbiter": lambda bus: ArbiterService(bus, ArbiterSettings()),
+SERVICES: dict[str, Callable[[Bus, CommonSettings], Service]] = {
+    "regex_voter": lambda bus, s: RegexVoterService(bus, s),
+    "classical_voter": lambda bus, s: ClassicalVoterService(bus, s),
+    # the service's own settings: the given common values, its own fields from the environment
+    "arbiter": lambda bus, s: ArbiterService(bus, ArbiterSettings(**s.model_dump())),
 }
 ALL = ["gateway", *SERVICES]
 
@@ -34,7 +35,7 @@ def build(names: list[str], settings: CommonSettings) -> tuple[Bus, list[Service
     if unknown:
         raise ValueError(f"unknown service(s) {unknown}; choose from {ALL}")
     bus = create_bus(settings)
-    return bus, [SERVICES[name](bus) for name in names if name != "gateway"]
+    return bus, [SERVICES[name](bus, settings) for name in names if name != "gateway"]
 
 
 async def run_workers(bus: Bus, services: list[Service]) -> None:

@@ -63,6 +63,7 @@ class FastStreamBus(Bus):
         else:
             self.broker = NatsBroker(url, **QUIET)
         self._started = False
+        self._bound = 0
         self._publishing = asyncio.Semaphore(PUBLISH_CONCURRENCY)
 
     def _register(self, route: Route[Any]) -> None:
@@ -131,9 +132,14 @@ class FastStreamBus(Bus):
                 if "BUSYGROUP" not in str(exc):
                     raise
 
-    async def start(self) -> None:
-        for route in self.routes:
+    def bind(self) -> None:
+        """Register every route as a FastStream subscriber (once); `start` does it, tests may call it first."""
+        for route in self.routes[self._bound:]:
             self._register(route)
+        self._bound = len(self.routes)
+
+    async def start(self) -> None:
+        self.bind()
         if isinstance(self.broker, RedisBroker):
             await self.broker.connect()
             await self._create_redis_groups()

@@ -110,6 +110,7 @@ class Decision(Event):
     missing_voters: list[str] = Field(default_factory=list, description="Expected voters that did not arrive.")
     safety_applied: list[SafetyTrigger] = Field(default_factory=list)
     arbiter_version: str
+    arbiter_instance: str | None = Field(None, description="Which arbiter instance decided.")
     thresholds: dict[str, float] = Field(description="The arbiter thresholds in force.")
     latency_ms: float = Field(ge=0, description="From submission to decision.")
 

@@ -24,7 +24,7 @@ class CommonSettings(BaseSettings):
 
     bus_url: str = Field("memory://", description="memory:// | kafka://host:port | redis://… | nats://…")
     instance_id: str = Field(default_factory=default_instance_id, description="Unique per instance.")
-    model_dir: Path = Field(Path("models/sms"), description="The model bundle the services load.")
+    model_dir: Path = Field(Path("models/sms/current"), description="The model bundle the services load.")
     batch_max: int = Field(256, ge=1, le=10_000, description="Most messages a handler takes at once.")
     batch_wait_ms: int = Field(3, ge=0, le=1_000, description="Longest a batch waits to fill.")
     dedupe_window: int = Field(100_000, ge=0, description="Message ids remembered to drop redeliveries.")

@@ -46,7 +46,7 @@ class ArbiterService(Service):
     @property
     def deadline_s(self) -> float:
         """Seconds a text waits for its votes."""
-        return self.settings.deadline_ms / 1000
+        return self.settings.arbiter_deadline_ms / 1000
 
     async def start(self) -> None:
         self.policy = await asyncio.to_thread(load_policy, self.settings.model_dir)
@@ -89,14 +89,16 @@ class ArbiterService(Service):
             arrived = {v.voter for v in item.votes}
             missing = [v for v in self.policy.expected_voters if v not in arrived]
             latency_ms = max(0.0, (now - item.submitted_at) * 1000) if item.submitted_at else 0.0
-            decision = self.policy.decide(item.votes, item.text_id, latency_ms, missing)
+            decision = self.policy.decide(item.votes, item.text_id, latency_ms, missing).model_copy(
+                update={"arbiter_instance": self.settings.instance_id}
+            )
             telemetry.DECISIONS.labels(decision.path, "abstain" if decision.abstain else "answer").inc()
             decisions.append(decision)
         return decisions
 
     async def _tick(self) -> None:
         while True:
-            await asyncio.sleep(self.settings.tick_ms / 1000)
+            await asyncio.sleep(self.settings.arbiter_tick_ms / 1000)
             try:
                 ready = await self.store.pop_expired(time.time())
                 if ready:

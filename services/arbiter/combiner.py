@@ -14,7 +14,7 @@ import numpy as np
 from flockwatch.common.metrics import has_opinion
 from numpy.typing import NDArray
 from scipy.optimize import minimize
-from scipy.special import log_softmax, logsumexp, softmax
+from scipy.special import logsumexp, softmax
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 
@@ -51,6 +51,11 @@ def stack_votes(voters: list[str], voter_probs: Mapping[str, Array]) -> tuple[Ar
     return probs, present
 
 
+def _log_clipped(probs: Array) -> Array:
+    """log of probabilities clipped to [PROB_FLOOR, 1] (np.clip costs more on tiny arrays)."""
+    return np.log(np.minimum(np.maximum(probs, PROB_FLOOR), 1.0))
+
+
 class LogLinearPool(BaseEstimator):
     """log p(c) ∝ b_c + Σ_v w_v · log p_v(c) over the voters present; weights w ≥ 0, biases b (L2).
 
@@ -83,7 +88,7 @@ class LogLinearPool(BaseEstimator):
             raise ValueError(f"y must be {n} class indices in [0, {k})")
         rng = np.random.default_rng(self.random_state)
         masks = [present] + [present & (rng.random((n, m)) >= self.dropout) for _ in range(self.n_copies)]
-        logp = np.log(np.clip(probs, PROB_FLOOR, 1.0))
+        logp = _log_clipped(probs)
         z = np.concatenate([logp * mask[:, :, None] for mask in masks])  # (N, m, k), 0 where dropped
         y_all = np.tile(y, len(masks))
         onehot = np.eye(k)[y_all]
@@ -116,9 +121,9 @@ class LogLinearPool(BaseEstimator):
     def predict_proba_stacked(self, probs: Array, present: NDArray[np.bool_]) -> Array:
         """Pooled (n, k) probabilities from (n, m, k) probabilities aligned with `voters_` and their mask."""
         self._check_fitted()
-        logp = np.log(np.clip(probs, PROB_FLOOR, 1.0))
-        logits = self.bias_ + np.einsum("nmk,nm->nk", logp, present * self.weights_)
-        return np.asarray(softmax(logits, axis=1), dtype=np.float64)
+        logits = self.bias_ + np.einsum("nmk,nm->nk", _log_clipped(probs), present * self.weights_)
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))  # numpy, not scipy: ~4 µs less per text
+        return np.asarray(e / e.sum(axis=1, keepdims=True), dtype=np.float64)
 
     def predict_proba(self, voter_probs: Mapping[str, Array]) -> Array:
         """Pooled (n, k) probabilities from per-voter (n, k) arrays (NaN rows: abstained/missing)."""
@@ -129,7 +134,7 @@ class LogLinearPool(BaseEstimator):
     def prior_(self) -> Array:
         """The output when no voter is present: softmax of the biases."""
         self._check_fitted()
-        return np.exp(log_softmax(self.bias_))
+        return np.asarray(softmax(self.bias_), dtype=np.float64)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain JSON-ready dict: parameters and fitted weights (floats round-trip exactly)."""
@@ -182,9 +187,11 @@ def combine(pool: LogLinearPool, probs: Array, present: NDArray[np.bool_], conse
     n_present = present.sum(axis=1)
     top = probs.argmax(axis=2)
     same = np.where(present, top, k).min(axis=1) == np.where(present, top, -1).max(axis=1)
-    sure = np.all(~present | (probs.max(axis=2) >= consensus_min_prob), axis=1)
+    sure = (~present | (probs.max(axis=2) >= consensus_min_prob)).all(axis=1)
     consensus = (n_present >= 2) & same & sure
     pooled = ~consensus & (n_present > 0)
+    if pooled.all():  # the usual single-text case: skip the masked copies
+        return Combined(pool.predict_proba_stacked(probs, present), np.full(n, COMBINER, dtype=np.int8))
     out = np.full((n, k), np.nan)
     if consensus.any():  # absent voters' rows are zeros, so the sum over voters is over the present ones
         out[consensus] = probs[consensus].sum(axis=1) / n_present[consensus, None]
@@ -201,7 +208,7 @@ def prediction_set_sizes(probs: Array, level: float) -> NDArray[np.int64]:
     """
     cumulative = np.cumsum(-np.sort(-probs, axis=1), axis=1)
     sizes = (cumulative < level - 1e-9).sum(axis=1) + 1  # tolerance: 0.3 + 0.6 must reach 0.9
-    return np.minimum(sizes, probs.shape[1]).astype(np.int64)
+    return np.asarray(np.minimum(sizes, probs.shape[1]), dtype=np.int64)
 
 
 @dataclass(frozen=True)

@@ -131,7 +131,7 @@ class ArbiterPolicy:
             if i is None or not 0.0 <= p <= 1.0 + 1e-9:  # also rejects NaN, which Vote's sum check lets by
                 row[:] = 0.0
                 return False
-            row[i] = p
+            row[i] = min(p, 1.0)  # Vote allows sums off by 1e-3; Decision.confidence must stay ≤ 1
         return True
 
     def _verdict(self, p: Array | None, triggers: list[SafetyTrigger], absent: list[str], notes: list[str]) -> _Verdict:

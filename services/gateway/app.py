@@ -34,7 +34,7 @@ class Gateway:
     def __init__(self, settings: GatewaySettings, bus: Bus) -> None:
         self.settings = settings
         self.bus = bus
-        self.book = DecisionBook(settings.decisions_kept)
+        self.book = DecisionBook(settings.gateway_decisions_kept)
         bus.subscribe(topics.DECISION_MADE, Decision, group="gateway", broadcast=True)(self.on_decisions)
 
     async def on_decisions(self, decisions: list[Decision]) -> list[Decision]:
@@ -46,11 +46,11 @@ class Gateway:
         """Check a request and turn it into a message, or raise the HTTP error that explains why not."""
         if not request.text.strip():
             raise HTTPException(422, "text is empty (it must contain a non-space character)")
-        if len(request.text) > self.settings.max_text_chars:
+        if len(request.text) > self.settings.gateway_max_text_chars:
             raise HTTPException(
-                413, f"text has {len(request.text)} characters; the limit is {self.settings.max_text_chars}"
+                413, f"text has {len(request.text)} characters; the limit is {self.settings.gateway_max_text_chars}"
             )
-        if self.book.waiting >= self.settings.max_in_flight:
+        if self.book.waiting >= self.settings.gateway_max_in_flight:
             raise HTTPException(503, "too many texts in flight; retry shortly", headers={"Retry-After": "1"})
         text_id = request.text_id or uuid.uuid4().hex
         return TextSubmitted(
@@ -86,7 +86,7 @@ def create_app(
             yield
 
     app = FastAPI(title="Flockwatch gateway", version="0.1.0", lifespan=lifespan, responses=ERRORS)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.gateway_max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -106,11 +106,11 @@ def create_app(
         telemetry.IN_FLIGHT.inc()
         try:
             await gw.bus.publish([msg])
-            decision = await asyncio.wait_for(asyncio.shield(future), settings.predict_timeout_ms / 1000)
+            decision = await asyncio.wait_for(asyncio.shield(future), settings.gateway_predict_timeout_ms / 1000)
         except TimeoutError as exc:
             gw.book.forget_waiter(msg.text_id)
             raise HTTPException(
-                504, f"no decision within {settings.predict_timeout_ms} ms; poll GET /decisions/{msg.text_id}"
+                504, f"no decision within {settings.gateway_predict_timeout_ms} ms; poll GET /decisions/{msg.text_id}"
             ) from exc
         finally:
             telemetry.IN_FLIGHT.dec()

@@ -1,19 +1,16 @@
-"""Gateway settings (environment prefix `FLOCKWATCH_GATEWAY_`, plus the common `FLOCKWATCH_` ones)."""
+"""Gateway settings: environment variables `FLOCKWATCH_GATEWAY_*`, plus the common `FLOCKWATCH_*` ones."""
 
 from flockwatch.common.settings import CommonSettings
 from pydantic import Field
-from pydantic_settings import SettingsConfigDict
 
 
 class GatewaySettings(CommonSettings):
     """HTTP limits, admission control and how long `POST /predict` waits."""
 
-    model_config = SettingsConfigDict(env_prefix="FLOCKWATCH_GATEWAY_", env_file=".env", extra="ignore")
-
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    max_text_chars: int = Field(10_000, ge=1, description="Longer texts are refused with 413.")
-    max_body_bytes: int = Field(1_000_000, ge=1, description="Larger request bodies are refused with 413.")
-    max_in_flight: int = Field(2_000, ge=1, description="Texts waiting for a decision; beyond, 503.")
-    predict_timeout_ms: int = Field(5_000, ge=1, description="POST /predict gives up (504) after this.")
-    decisions_kept: int = Field(100_000, ge=1, description="Decisions remembered for GET /decisions/{id}.")
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = Field(8000, ge=0, le=65535)
+    gateway_max_text_chars: int = Field(10_000, ge=1, description="Longer texts are refused with 413.")
+    gateway_max_body_bytes: int = Field(1_000_000, ge=1, description="Larger request bodies are refused with 413.")
+    gateway_max_in_flight: int = Field(2_000, ge=1, description="Texts waiting for a decision; beyond, 503.")
+    gateway_predict_timeout_ms: int = Field(5_000, ge=1, description="POST /predict gives up (504) after this.")
+    gateway_decisions_kept: int = Field(100_000, ge=1, description="Decisions remembered for GET /decisions/{id}.")

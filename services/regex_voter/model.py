@@ -46,11 +46,11 @@ class RuleTrace:
     def reason(self) -> str:
         """One line for people."""
         if self.blocked_by is not None:
-            return f"blocked by exclusion {self.blocked_by.pattern!r} on {self.blocked_by.text!r}"
+            return f"blocked by exclusion /{self.blocked_by.pattern}/ on {self.blocked_by.text!r}"
         if self.fired:
-            return "matched " + ", ".join(f"{m.pattern!r} on {m.text!r}" for m in self.matched)
+            return "matched " + ", ".join(f"/{m.pattern}/ on {m.text!r}" for m in self.matched)
         if self.matched:
-            return "missing " + ", ".join(repr(p) for p in self.missing)
+            return "missing " + ", ".join(f"/{p}/" for p in self.missing)
         return "no pattern matched"
 
 

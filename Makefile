@@ -1,0 +1,46 @@
+# Flockwatch: `make demo` runs the whole pipeline embedded; `make test` runs the test suite.
+# Both set up what they need (virtualenv, install, data, models) on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+FW := $(BIN)/flockwatch
+
+.PHONY: install data models demo demo-redis test lint typecheck bench asyncapi clean
+
+install: $(VENV)/.installed
+
+# torch first, pinned: pip finds the local CPU wheel; an unpinned torch would pull GBs of CUDA packages.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $@
+
+data: install
+	$(FW) data --out data
+
+models/sms/current/manifest.json: | data
+	$(FW) train --data data/sms.csv --out models/sms --labels configs/sms/labels.yaml --rules configs/sms/rules.yaml
+
+models: models/sms/current/manifest.json
+
+demo: models
+	$(FW) demo --models models/sms/current --data data/sms.csv --n 40
+
+test: data
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy libs services
+
+bench: models
+	$(BIN)/python benchmarks/latency.py --models models/sms/current --out benchmarks/results/latency.json
+
+asyncapi: install
+	$(FW) asyncapi --out docs/asyncapi.json
+
+clean:
+	rm -rf $(VENV) data models .pytest_cache .ruff_cache .mypy_cache

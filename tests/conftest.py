@@ -1,0 +1,34 @@
+"""Shared fixtures: the bundled data (fetched by `make data`) and model bundles trained once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from flockwatch.common.datasets import prepare_bundled
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+@pytest.fixture(scope="session")
+def data_files() -> dict[str, Path]:
+    """data/sms.csv and data/trec.csv (created by `make data`; created here if missing)."""
+    return prepare_bundled(ROOT / "data")
+
+
+@pytest.fixture(scope="session")
+def sms_bundle(tmp_path_factory: pytest.TempPathFactory, data_files: dict[str, Path]) -> Path:
+    """A model bundle trained on SMS spam with the SMS rules."""
+    from flockwatch.common.datasets import read_table
+    from flockwatch.trainer.pipeline import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("models") / "sms"
+    config = TrainConfig(
+        read_table(data_files["sms"], "text", "label"),
+        out,
+        "sms",
+        CONFIGS / "sms" / "labels.yaml",
+        CONFIGS / "sms" / "rules.yaml",
+    )
+    return train(config)
