@@ -64,8 +64,8 @@ def serve(names: list[str], host: str | None = None, port: int | None = None) ->
     app = create_app(settings, bus, services)
     uvicorn.run(
         app,
-        host=host or settings.host,
-        port=port if port is not None else settings.port,
+        host=host or settings.gateway_host,
+        port=port if port is not None else settings.gateway_port,
         loop="uvloop",
         http="httptools",
         log_level="warning",

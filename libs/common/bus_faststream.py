@@ -134,7 +134,7 @@ class FastStreamBus(Bus):
 
     def bind(self) -> None:
         """Register every route as a FastStream subscriber (once); `start` does it, tests may call it first."""
-        for route in self.routes[self._bound:]:
+        for route in self.routes[self._bound :]:
             self._register(route)
         self._bound = len(self.routes)
 

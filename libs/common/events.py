@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from datetime import UTC, datetime
 from typing import Annotated, ClassVar, Literal
 
@@ -83,6 +84,8 @@ class Vote(Event):
                 raise ValueError("an abstaining vote needs an abstain_reason")
         elif not self.probabilities:
             raise ValueError("a vote that does not abstain needs probabilities")
+        elif not all(math.isfinite(p) and 0.0 <= p <= 1.0 for p in self.probabilities.values()):
+            raise ValueError("probabilities must be finite numbers in [0, 1]")
         elif abs(sum(self.probabilities.values()) - 1.0) > 1e-3:
             raise ValueError("probabilities must sum to 1")
         return self

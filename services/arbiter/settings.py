@@ -2,7 +2,6 @@
 
 from flockwatch.common.settings import CommonSettings
 from pydantic import Field
-from pydantic_settings import SettingsConfigDict
 
 
 class ArbiterSettings(CommonSettings):

@@ -6,15 +6,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
-
 from flockwatch.common.labels import LabelConfig
 from flockwatch.common.voting import Opinion
 from flockwatch.common.yamlconfig import ConfigError, load_model
 from flockwatch.regex_voter.model import RuleEngine, RuleTrace
 from flockwatch.regex_voter.rules import RuleSet, load_rules
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 rules_app = typer.Typer(help="Check and explain regex rule files.", no_args_is_help=True)
 console = Console()

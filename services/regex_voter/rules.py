@@ -127,11 +127,11 @@ def label_problems(ruleset: RuleSet, labels: LabelConfig) -> list[tuple[Loc, str
     known, floor = set(labels.names), 1 / len(labels.names)
     problems: list[tuple[Loc, str]] = []
     for i, rule in enumerate(ruleset.rules):
-        for loc, name in ((("rules", i, "label"), rule.label), (("rules", i, "safety", "min_label"), _floor(rule))):
+        for where, name in ((("rules", i, "label"), rule.label), (("rules", i, "safety", "min_label"), _floor(rule))):
             if name is not None and name not in known:
-                problems.append((loc, f"rule {rule.id!r}: unknown label {name!r}; known: {', '.join(labels.names)}"))
+                problems.append((where, f"rule {rule.id!r}: unknown label {name!r}; known: {', '.join(labels.names)}"))
         if rule.label is not None and ruleset.confidence_for(rule) <= floor:
-            loc = ("rules", i, "confidence") if rule.confidence is not None else ("defaults", "confidence")
+            loc: Loc = ("rules", i, "confidence") if rule.confidence is not None else ("defaults", "confidence")
             problems.append((loc, f"rule {rule.id!r}: confidence must be above 1/{len(known)} = {floor:.3f}"))
     return problems
 
@@ -154,6 +154,6 @@ def check_labels(ruleset: RuleSet, labels: LabelConfig, path: Path | None = None
 def load_rules(path: Path | str, labels: LabelConfig) -> RuleSet:
     """Load and validate `rules.yaml` against the task's labels, or raise ConfigError."""
     path = Path(path)
-    ruleset = load_model(path, RuleSet)
+    ruleset: RuleSet = load_model(path, RuleSet)
     check_labels(ruleset, labels, path, load_yaml(path))
     return ruleset
