@@ -153,7 +153,8 @@ class RedisJoinStore(JoinStore):
     def __init__(self, url: str, prefix: str = "fw:arbiter:") -> None:
         import redis.asyncio as aioredis
 
-        self.redis = aioredis.from_url(url)
+        # a blocking pool: bursts wait for a free connection instead of failing
+        self.redis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(url, max_connections=32))
         self.prefix = prefix
         self._add = self.redis.register_script(_ADD_VOTES)
         self._pop = self.redis.register_script(_POP_EXPIRED)

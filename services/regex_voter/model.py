@@ -88,7 +88,7 @@ class _Rule:
                     break
             else:
                 return False
-        for p in self.exclude_any:
+        for p in self.exclude_any:  # noqa: SIM110 - a loop, for speed (see above)
             if p.search(text):
                 return False
         return True

@@ -1,0 +1,69 @@
+"""The arbiter's join in Redis: two arbiter instances, each text claimed for decision exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+
+from flockwatch.arbiter.join import JoinStore, MemoryJoinStore, RedisJoinStore
+from flockwatch.common.events import Vote
+
+URL = "redis://127.0.0.1:6379/9"
+
+
+def vote(text_id: str, voter: str) -> Vote:
+    return Vote(message_id=Vote.id_for(text_id, voter), text_id=text_id, voter=voter, model_version="1",
+                probabilities={"a": 0.5, "b": 0.5}, latency_ms=0.0)
+
+
+@pytest.fixture
+async def two_arbiters() -> tuple[JoinStore, JoinStore]:
+    prefix = f"fw:test:{uuid.uuid4().hex[:8]}:"
+    a, b = RedisJoinStore(URL, prefix), RedisJoinStore(URL, prefix)
+    yield a, b
+    await a.redis.delete(*[k async for k in a.redis.scan_iter(f"{prefix}*")] or ["none"])
+    await a.close()
+    await b.close()
+
+
+async def test_votes_split_across_two_arbiters_complete_exactly_once(two_arbiters: tuple[JoinStore, JoinStore]) -> None:
+    a, b = two_arbiters
+    ids = [f"t{i}" for i in range(200)]
+    await a.add_texts([(i, time.time()) for i in ids[:100]], 5.0)
+    await b.add_texts([(i, time.time()) for i in ids[100:]], 5.0)
+    # the three votes of each text arrive at whichever instance, concurrently
+    results = await asyncio.gather(*(
+        store.add_votes([vote(i, voter)], expected=3, deadline_s=5.0)
+        for i in ids for voter, store in zip(("x", "y", "z"), (a, b, a if hash(i) % 2 else b), strict=True)
+    ))
+    claimed = [r.text_id for batch in results for r in batch]
+    assert sorted(claimed) == sorted(ids)
+    assert all(len(r.votes) == 3 for batch in results for r in batch)
+    assert await a.pop_expired(time.time() + 10) == [] and await b.pop_expired(time.time() + 10) == []
+
+
+async def test_deadline_claims_a_text_once_with_the_votes_that_arrived(
+    two_arbiters: tuple[JoinStore, JoinStore],
+) -> None:
+    a, b = two_arbiters
+    now = time.time()
+    await a.add_texts([("late", now)], 0.05)
+    await b.add_votes([vote("late", "x")], expected=3, deadline_s=0.05)
+    first, second = await asyncio.gather(a.pop_expired(now + 1), b.pop_expired(now + 1))
+    ready = first + second
+    assert [r.text_id for r in ready] == ["late"]
+    assert [v.voter for v in ready[0].votes] == ["x"] and ready[0].submitted_at == pytest.approx(now)
+    assert await a.add_votes([vote("late", "y"), vote("late", "z")], expected=3, deadline_s=1) == []
+
+
+async def test_memory_join_decides_once_and_ignores_late_votes() -> None:
+    store = MemoryJoinStore()
+    await store.add_texts([("t", time.time())], 0.01)
+    assert await store.add_votes([vote("t", "x")], 2, 0.01) == []
+    ready = await store.add_votes([vote("t", "y"), vote("t", "y")], 2, 0.01)
+    assert [r.text_id for r in ready] == ["t"]
+    assert await store.add_votes([vote("t", "z")], 2, 0.01) == []
+    assert await store.pop_expired(time.time() + 1) == []
