@@ -35,7 +35,8 @@ class MemoryBus(Bus):
             batch = [await queue.get()]
             while len(batch) < route.max_batch and not queue.empty():
                 batch.append(queue.get_nowait())
-            if len(batch) < route.max_batch and route.max_wait_ms:
+            # wait for stragglers only under load (more than one was waiting): a lone text goes at once
+            if 1 < len(batch) < route.max_batch and route.max_wait_ms:
                 await asyncio.sleep(route.max_wait_ms / 1000)
                 while len(batch) < route.max_batch and not queue.empty():
                     batch.append(queue.get_nowait())
