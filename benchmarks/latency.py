@@ -94,7 +94,11 @@ def stop(procs: list[subprocess.Popen[bytes]]) -> None:
     for p in procs:
         p.terminate()
     for p in procs:
-        p.wait(10)
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            print(f"warning: {p.args} did not stop on SIGTERM within 15 s; killed", file=sys.stderr)
+            p.kill()
 
 
 def main() -> None:

@@ -101,7 +101,8 @@ def build_asyncapi(routes: Iterable[Route[Any]]) -> dict[str, Any]:
     published: dict[str, type[Event]] = {event.TOPIC: event for event in EXTRA_PUBLISHED}
     groups: dict[str, str] = {}
     for route in sorted(routes, key=lambda r: (r.topic, r.group)):
-        title = groups.setdefault(f"{route.topic}:{route.group}", route.group) and f"{route.topic}:{route.group}"
+        title = f"{route.topic}:{route.group}"
+        groups[title] = route.group
         broker.subscriber(
             route.topic,
             group_id=route.group,

@@ -58,7 +58,10 @@ class ArbiterService(Service):
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
-        await self.store.close()
+        try:  # a connection held by the cancelled ticker must not block shutdown
+            await asyncio.wait_for(self.store.close(), 2.0)
+        except TimeoutError:
+            log.warning("arbiter: join store did not close within 2 s")
 
     async def on_texts(self, msgs: list[TextSubmitted]) -> list[Decision]:
         """Start each text's deadline clock at its submission time."""
