@@ -28,7 +28,9 @@ def asyncapi(
         _stale(out, "does not exist")
     current = out.read_text(encoding="utf-8")
     if current != generated:
-        diff = list(difflib.unified_diff(current.splitlines(), generated.splitlines(), str(out), "generated", lineterm=""))
+        diff = list(
+            difflib.unified_diff(current.splitlines(), generated.splitlines(), str(out), "generated", lineterm="")
+        )
         more = len(diff) - MAX_DIFF_LINES
         typer.echo("\n".join(diff[:MAX_DIFF_LINES] + ([f"… {more} more diff lines"] if more > 0 else [])), err=True)
         _stale(out, "differs from what the routes and event models generate")

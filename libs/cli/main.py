@@ -11,6 +11,7 @@ import typer
 from flockwatch.common.artifacts import ArtifactError
 from flockwatch.common.datasets import DataError, prepare_bundled, read_table, split
 from flockwatch.common.yamlconfig import ConfigError
+from flockwatch.cli.asyncapi_cmd import asyncapi
 from flockwatch.regex_voter.cli import rules_app
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -20,6 +21,7 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(rules_app, name="rules", help="Check and explain regex rule files.")
+app.command("asyncapi")(asyncapi)
 console = Console()
 
 

@@ -126,7 +126,7 @@ def services_asyncapi() -> dict[str, Any]:
     from flockwatch.gateway.app import Gateway
     from flockwatch.gateway.settings import GatewaySettings
 
-    settings = GatewaySettings(bus_url="memory://", state_url=None)
+    settings = GatewaySettings(_env_file=None, bus_url="memory://", state_url=None)
     bus, _ = build(ALL, settings)
     Gateway(settings, bus)  # the gateway's route is registered by its constructor (create_app in production)
     return build_asyncapi(bus.routes)
