@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from flockwatch.cli.asyncapi_cmd import asyncapi
 from flockwatch.common.artifacts import ArtifactError
 from flockwatch.common.datasets import DataError, prepare_bundled, read_table, split
 from flockwatch.common.yamlconfig import ConfigError
-from flockwatch.cli.asyncapi_cmd import asyncapi
 from flockwatch.regex_voter.cli import rules_app
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn

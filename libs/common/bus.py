@@ -7,6 +7,7 @@ Batching, decoding, dead-lettering, redelivery dedupe and pipelined publishing l
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -63,8 +64,6 @@ def _as_text(raw: Any) -> tuple[str, int]:
         return data.decode("utf-8", errors="replace"), len(data)
     if isinstance(raw, str):
         return raw, len(raw.encode("utf-8", errors="replace"))
-    import json
-
     text = json.dumps(raw, default=str)
     return text, len(text.encode())
 

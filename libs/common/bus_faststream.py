@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 from typing import Any
-from urllib.parse import urlsplit
 
 from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
@@ -150,9 +149,3 @@ class FastStreamBus(Bus):
         if self._started:
             await self.broker.stop()
             self._started = False
-
-
-def describe(url: str) -> str:
-    """A URL without credentials, for logs."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname or ''}{':' + str(parts.port) if parts.port else ''}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 from datetime import UTC, datetime
 from typing import Annotated, ClassVar, Literal
@@ -18,11 +17,6 @@ Label = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 def utcnow() -> datetime:
     """The current time, timezone-aware in UTC."""
     return datetime.now(UTC)
-
-
-def text_id_for(text: str) -> str:
-    """A content-derived text id (used when the client does not give one)."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
 
 
 class Event(BaseModel):
