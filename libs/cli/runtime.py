@@ -16,13 +16,18 @@ from flockwatch.common.service import Service
 from flockwatch.common.settings import CommonSettings
 from flockwatch.gateway.app import create_app
 from flockwatch.gateway.settings import GatewaySettings
+from flockwatch.llm_voter.app import LLMVoterService
+from flockwatch.llm_voter.settings import LLMSettings
 from flockwatch.regex_voter.app import RegexVoterService
+from flockwatch.ws_voter.app import WSVoterService
 
 log = logging.getLogger("flockwatch")
 
 SERVICES: dict[str, Callable[[Bus, CommonSettings], Service]] = {
     "regex_voter": lambda bus, s: RegexVoterService(bus, s),
     "classical_voter": lambda bus, s: ClassicalVoterService(bus, s),
+    "ws_voter": lambda bus, s: WSVoterService(bus, s),
+    "llm_voter": lambda bus, s: LLMVoterService(bus, LLMSettings(**s.model_dump())),
     # the service's own settings: the given common values, its own fields from the environment
     "arbiter": lambda bus, s: ArbiterService(bus, ArbiterSettings(**s.model_dump())),
 }

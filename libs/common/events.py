@@ -90,6 +90,23 @@ class Vote(Event):
         return f"vote:{text_id}:{voter}"
 
 
+class VoteRequested(Event):
+    """The arbiter asks an expensive voter (the LLM) for its vote on a text the cheap voters were unsure of."""
+
+    TOPIC: ClassVar[str] = topics.VOTE_REQUESTED
+
+    text_id: str = Field(min_length=1, max_length=128)
+    text: str = Field(min_length=1, description="The text, so the voter needs no other state.")
+    voters: list[str] = Field(min_length=1, description="Which voters are asked (e.g. ['llm']).")
+    reason: str = Field(description="Why the cheap voters were not enough (their prediction set).")
+    deadline_ms: float = Field(gt=0, description="How long the arbiter waits for the vote before deciding.")
+
+    @staticmethod
+    def id_for(text_id: str) -> str:
+        """Deterministic id: one request per text."""
+        return f"request:{text_id}"
+
+
 class Decision(Event):
     """The arbiter's answer for a text, with everything needed to reproduce it."""
 
@@ -100,12 +117,13 @@ class Decision(Event):
     confidence: float = Field(ge=0, le=1, description="Probability of the top class after combination.")
     abstain: bool
     abstain_reason: str | None = None
-    prediction_set: list[Label] = Field(description="Classes that cannot be ruled out at the set level.")
+    prediction_set: list[Label] = Field(description="Conformal prediction set: covers the true class w.p. ≥ 1 − α.")
     probabilities: dict[Label, float] = Field(default_factory=dict, description="Combined probabilities.")
     path: Literal["consensus", "combiner", "no_votes"] = Field(description="Which arbiter path decided.")
     votes: list[Vote] = Field(description="The votes used, each with its voter's model/rules version.")
     missing_voters: list[str] = Field(default_factory=list, description="Expected voters that did not arrive.")
     safety_applied: list[SafetyTrigger] = Field(default_factory=list)
+    escalated: bool = Field(False, description="The arbiter asked the expensive voters (the LLM) for this text.")
     arbiter_version: str
     arbiter_instance: str | None = Field(None, description="Which arbiter instance decided.")
     thresholds: dict[str, float] = Field(description="The arbiter thresholds in force.")

@@ -34,23 +34,36 @@ def has_opinion(probs: NDArray[np.floating[Any]]) -> NDArray[np.bool_]:
     return answered
 
 
-def expected_calibration_error(probs: ArrayLike, y: ArrayLike, n_bins: int = 15) -> float:
-    """Top-label ECE with equal-width confidence bins (lo, hi]; NaN rows (abstentions) are skipped."""
+def _calibration_bins(
+    probs: ArrayLike, y: ArrayLike, n_bins: int
+) -> tuple[NDArray[np.float64], NDArray[np.float64]] | None:
+    """Share of rows and |accuracy - confidence| per non-empty top-label bin; None without scored rows."""
     p = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(y, dtype=np.int64)
     keep = has_opinion(p)
     p, labels = p[keep], labels[keep]
     if len(p) == 0:
-        return float("nan")
+        return None
     confidence = p.max(axis=1)
     correct = p.argmax(axis=1) == labels
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     bins = np.digitize(confidence, edges[1:-1], right=True)
-    ece = 0.0
-    for b in np.unique(bins):
-        in_bin = bins == b
-        ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-    return float(ece)
+    used = np.unique(bins)
+    weights = np.array([(bins == b).mean() for b in used])
+    gaps = np.array([abs(correct[bins == b].mean() - confidence[bins == b].mean()) for b in used])
+    return weights, gaps
+
+
+def expected_calibration_error(probs: ArrayLike, y: ArrayLike, n_bins: int = 15) -> float:
+    """Top-label ECE with equal-width confidence bins (lo, hi]; NaN rows (abstentions) are skipped."""
+    binned = _calibration_bins(probs, y, n_bins)
+    return float("nan") if binned is None else float((binned[0] * binned[1]).sum())
+
+
+def maximum_calibration_error(probs: ArrayLike, y: ArrayLike, n_bins: int = 15) -> float:
+    """Top-label MCE: the largest |accuracy - confidence| over the non-empty bins of the ECE."""
+    binned = _calibration_bins(probs, y, n_bins)
+    return float("nan") if binned is None else float(binned[1].max())
 
 
 def brier_score(probs: ArrayLike, y: ArrayLike) -> float:
@@ -85,7 +98,33 @@ def risk_coverage(probs: ArrayLike, y: ArrayLike, thresholds: Sequence[float]) -
     return rows
 
 
-def _f1_by_class(y: NDArray[np.int64], pred: NDArray[np.int64], classes: list[str]) -> dict[str, float | None]:
+def risk_coverage_curve(
+    probs: ArrayLike, y: ArrayLike
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+    """(coverage, selective error, threshold) answering where max probability ≥ each distinct threshold."""
+    # most confident threshold first; coverage counts all rows, NaN rows (abstentions) never answer
+    p = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(y, dtype=np.int64)
+    valid = has_opinion(p)
+    confidence = p[valid].max(axis=1)
+    wrong = p[valid].argmax(axis=1) != labels[valid]
+    order = np.argsort(-confidence, kind="stable")
+    confidence, wrong = confidence[order], wrong[order]
+    # a threshold answers every row tied with it, so keep only the last row of each run of equal confidences
+    last = np.r_[confidence[1:] != confidence[:-1], True] if len(confidence) else np.zeros(0, dtype=bool)
+    answered = np.arange(1, len(confidence) + 1)[last]
+    errors = np.cumsum(wrong)[last]
+    return answered / max(len(p), 1), errors / answered, confidence[last]
+
+
+def coverage_at_risk(probs: ArrayLike, y: ArrayLike, risk_target: float) -> float:
+    """Largest coverage on the (in-sample) risk–coverage curve whose selective error is ≤ risk_target."""
+    coverage, risk, _ = risk_coverage_curve(probs, y)
+    ok = risk <= risk_target + 1e-12
+    return float(coverage[ok].max()) if ok.any() else 0.0
+
+
+def f1_by_class(y: NDArray[np.int64], pred: NDArray[np.int64], classes: list[str]) -> dict[str, float | None]:
     """F1 per class; None for a class that is neither in the truth nor predicted (undefined)."""
     if len(y) == 0:
         return dict.fromkeys(classes)
@@ -94,12 +133,14 @@ def _f1_by_class(y: NDArray[np.int64], pred: NDArray[np.int64], classes: list[st
     return {c: float(scores[i]) if i in seen else None for i, c in enumerate(classes)}
 
 
-def _macro(per_class: dict[str, float | None]) -> float | None:
+def macro_average(per_class: dict[str, float | None]) -> float | None:
+    """Mean of the defined per-class scores; None when none is defined."""
     scores = [s for s in per_class.values() if s is not None]
     return float(np.mean(scores)) if scores else None
 
 
-def _or_none(value: float) -> float | None:
+def or_none(value: float) -> float | None:
+    """None for NaN (strict JSON has no NaN), else the value as a float."""
     return None if np.isnan(value) else float(value)
 
 
@@ -130,18 +171,18 @@ def classification_report(
     scored = has_opinion(p)
     chosen = scored if answered is None else scored & np.asarray(answered, dtype=bool)
     pred = np.nan_to_num(p).argmax(axis=1)
-    per_class = _f1_by_class(y[scored], pred[scored], classes)
+    per_class = f1_by_class(y[scored], pred[scored], classes)
     n_scored, n_answered = int(scored.sum()), int(chosen.sum())
     return {
         "n": n,
         "n_scored": n_scored,
         "n_answered": n_answered,
         "accuracy": float((pred[scored] == y[scored]).mean()) if n_scored else None,
-        "macro_f1": _macro(per_class),
+        "macro_f1": macro_average(per_class),
         "per_class_f1": per_class,
-        "ece": _or_none(expected_calibration_error(p[scored], y[scored])),
-        "brier": _or_none(brier_score(p[scored], y[scored])),
+        "ece": or_none(expected_calibration_error(p[scored], y[scored])),
+        "brier": or_none(brier_score(p[scored], y[scored])),
         "coverage": n_answered / n if n else 0.0,
         "selective_error": float((pred[chosen] != y[chosen]).mean()) if n_answered else None,
-        "macro_f1_answered": _macro(_f1_by_class(y[chosen], pred[chosen], classes)),
+        "macro_f1_answered": macro_average(f1_by_class(y[chosen], pred[chosen], classes)),
     }

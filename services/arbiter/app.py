@@ -8,22 +8,27 @@ import logging
 import time
 from pathlib import Path
 
-from flockwatch.arbiter.join import JoinStore, MemoryJoinStore, Ready, RedisJoinStore
-from flockwatch.arbiter.model import ArbiterPolicy
+from flockwatch.arbiter.join import JoinStore, MemoryJoinStore, Ready, RedisJoinStore, Submitted
+from flockwatch.arbiter.model import ArbiterPolicy, DecideItem, Escalation
 from flockwatch.arbiter.settings import ArbiterSettings
 from flockwatch.common import telemetry, topics
-from flockwatch.common.artifacts import ArtifactError, load_json
+from flockwatch.common.artifacts import ArtifactError, load_joblib, load_json, read_manifest, verified_file
 from flockwatch.common.bus import Bus
-from flockwatch.common.events import Decision, ModelPublished, TextSubmitted, Vote
+from flockwatch.common.events import Event, ModelPublished, TextSubmitted, Vote, VoteRequested
 from flockwatch.common.service import Service
+from flockwatch.common.slices import SliceConfig
 
 log = logging.getLogger(__name__)
 ARTIFACT = "arbiter.json"
+CALIBRATORS = "conformal.joblib"
 
 
 def load_policy(model_dir: Path) -> ArbiterPolicy:
-    """The bundle's arbiter policy (a JSON file, sha256-verified)."""
-    return ArbiterPolicy.from_dict(load_json(model_dir, ARTIFACT))
+    """The bundle's arbiter policy: stacker and thresholds (JSON), conformal calibrators, slices; all verified."""
+    files = read_manifest(model_dir, verify=False).files
+    slices = SliceConfig.load(verified_file(model_dir, "slices.yaml")) if "slices.yaml" in files else None
+    sets = load_joblib(model_dir, CALIBRATORS)
+    return ArbiterPolicy.from_dict(load_json(model_dir, ARTIFACT), sets, slices)
 
 
 class ArbiterService(Service):
@@ -63,18 +68,19 @@ class ArbiterService(Service):
         except TimeoutError:
             log.warning("arbiter: join store did not close within 2 s")
 
-    async def on_texts(self, msgs: list[TextSubmitted]) -> list[Decision]:
-        """Start each text's deadline clock at its submission time."""
-        await self.store.add_texts([(m.text_id, m.timestamp.timestamp()) for m in msgs], self.deadline_s)
+    async def on_texts(self, msgs: list[TextSubmitted]) -> list[Event]:
+        """Start each text's deadline clock at its submission time; keep its text for slices and escalation."""
+        items = [Submitted(m.text_id, m.timestamp.timestamp(), m.text, dict(m.metadata)) for m in msgs]
+        await self.store.add_texts(items, self.deadline_s)
         return []
 
-    async def on_votes(self, votes: list[Vote]) -> list[Decision]:
-        """Store votes; decide the texts that are now complete."""
+    async def on_votes(self, votes: list[Vote]) -> list[Event]:
+        """Store votes; decide (or escalate) the texts that are now complete."""
         assert self.policy is not None
-        ready = await self.store.add_votes(votes, len(self.policy.expected_voters), self.deadline_s)
-        return self._decide(ready)
+        ready = await self.store.add_votes(votes, len(self.policy.first_stage_voters), self.deadline_s)
+        return await self._decide(ready)
 
-    async def on_model(self, msgs: list[ModelPublished]) -> list[Decision]:
+    async def on_model(self, msgs: list[ModelPublished]) -> list[Event]:
         """Hot reload of the arbiter policy; a refused artifact keeps the current one."""
         for msg in msgs:
             if msg.component in ("bundle", self.name):
@@ -84,20 +90,44 @@ class ArbiterService(Service):
                     log.error("arbiter: refused model %s: %s", msg.version, exc)
         return []
 
-    def _decide(self, ready: list[Ready]) -> list[Decision]:
+    async def _decide(self, ready: list[Ready]) -> list[Event]:
+        """Decisions for the ready texts; escalated ones go back to the store to wait for the cascade vote."""
         assert self.policy is not None
-        now = time.time()
-        decisions = []
-        for item in ready:
-            arrived = {v.voter for v in item.votes}
-            missing = [v for v in self.policy.expected_voters if v not in arrived]
-            latency_ms = max(0.0, (now - item.submitted_at) * 1000) if item.submitted_at else 0.0
-            decision = self.policy.decide(item.votes, item.text_id, latency_ms, missing).model_copy(
-                update={"arbiter_instance": self.settings.instance_id}
+        policy, now = self.policy, time.time()
+        items = [
+            DecideItem(
+                r.text_id,
+                r.votes,
+                r.text,
+                r.metadata,
+                max(0.0, (now - r.submitted_at) * 1000) if r.submitted_at else 0.0,
+                may_escalate=not r.escalated and self.settings.arbiter_cascade,
+                escalated=r.escalated,
             )
+            for r in ready
+        ]
+        out: list[Event] = []
+        deadline_ms = policy.config.cascade.deadline_ms
+        for r, outcome in zip(ready, policy.decide_many(items), strict=True):
+            if isinstance(outcome, Escalation):
+                await self.store.reopen(r, len({v.voter for v in r.votes}) + len(outcome.voters), deadline_ms / 1000)
+                text = r.text or ""
+                out.append(
+                    VoteRequested(
+                        message_id=VoteRequested.id_for(r.text_id),
+                        text_id=r.text_id,
+                        text=text,
+                        voters=outcome.voters,
+                        reason=outcome.reason,
+                        deadline_ms=deadline_ms,
+                    )
+                )
+                telemetry.DECISIONS.labels("escalated", "pending").inc()
+                continue
+            decision = outcome.model_copy(update={"arbiter_instance": self.settings.instance_id})
             telemetry.DECISIONS.labels(decision.path, "abstain" if decision.abstain else "answer").inc()
-            decisions.append(decision)
-        return decisions
+            out.append(decision)
+        return out
 
     async def _tick(self) -> None:
         while True:
@@ -105,6 +135,6 @@ class ArbiterService(Service):
             try:
                 ready = await self.store.pop_expired(time.time())
                 if ready:
-                    await self.bus.publish(self._decide(ready))
+                    await self.bus.publish(await self._decide(ready))
             except Exception:  # noqa: BLE001 - the deadline loop must survive a broker hiccup
                 log.exception("arbiter: deadline check failed; retrying")

@@ -7,11 +7,13 @@ process; in Redis when several arbiter instances share the load (join state shar
 from __future__ import annotations
 
 import heapq
+import json
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from flockwatch.common.events import Vote
 
@@ -21,19 +23,35 @@ JOIN_TTL_S = 600
 
 @dataclass
 class Ready:
-    """A text claimed for decision, with the votes that arrived and when it was submitted."""
+    """A text claimed for decision: the votes that arrived, when it was submitted, its text, its stage."""
 
     text_id: str
     votes: list[Vote]
     submitted_at: float | None
+    text: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    escalated: bool = False
+
+
+class Submitted(NamedTuple):
+    """A submitted text as the join store keeps it (text and metadata: for slices and escalation)."""
+
+    text_id: str
+    submitted_at: float
+    text: str | None = None
+    metadata: dict[str, str] | None = None
 
 
 class JoinStore(ABC):
     """Collects votes per text and hands each text out for decision exactly once."""
 
     @abstractmethod
-    async def add_texts(self, items: list[tuple[str, float]], deadline_s: float) -> None:
-        """Note submitted texts (id, submission time) and start their deadlines."""
+    async def add_texts(self, items: Sequence[tuple[Any, ...]], deadline_s: float) -> None:
+        """Note submitted texts (`Submitted` fields: id, submission time, text, metadata); start their deadlines."""
+
+    @abstractmethod
+    async def reopen(self, item: Ready, expected: int, deadline_s: float) -> None:
+        """Put a claimed text back, escalated: it now waits for `expected` votes in all, or a new deadline."""
 
     @abstractmethod
     async def add_votes(self, votes: list[Vote], expected: int, deadline_s: float) -> list[Ready]:
@@ -51,6 +69,10 @@ class JoinStore(ABC):
 class _Entry:
     votes: dict[str, Vote] = field(default_factory=dict)
     submitted_at: float | None = None
+    text: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    expected: int | None = None  # set when escalated
+    deadline: float = 0.0  # the live one: older heap items for this text are stale
 
 
 class MemoryJoinStore(JoinStore):
@@ -67,7 +89,7 @@ class MemoryJoinStore(JoinStore):
             return None
         entry = self._entries.get(text_id)
         if entry is None:
-            entry = self._entries[text_id] = _Entry()
+            entry = self._entries[text_id] = _Entry(deadline=deadline)
             heapq.heappush(self._deadlines, (deadline, text_id))
         return entry
 
@@ -76,13 +98,22 @@ class MemoryJoinStore(JoinStore):
         self._decided[text_id] = None
         if len(self._decided) > self._remember:
             self._decided.popitem(last=False)
-        return Ready(text_id, list(entry.votes.values()), entry.submitted_at)
+        escalated = entry.expected is not None
+        return Ready(text_id, list(entry.votes.values()), entry.submitted_at, entry.text, entry.metadata, escalated)
 
-    async def add_texts(self, items: list[tuple[str, float]], deadline_s: float) -> None:
-        for text_id, submitted_at in items:
-            entry = self._entry(text_id, submitted_at + deadline_s)
+    async def add_texts(self, items: Sequence[tuple[Any, ...]], deadline_s: float) -> None:
+        for item in items:
+            sub = Submitted(*item)
+            entry = self._entry(sub.text_id, sub.submitted_at + deadline_s)
             if entry is not None:
-                entry.submitted_at = submitted_at
+                entry.submitted_at, entry.text, entry.metadata = sub.submitted_at, sub.text, sub.metadata or {}
+
+    async def reopen(self, item: Ready, expected: int, deadline_s: float) -> None:
+        self._decided.pop(item.text_id, None)
+        votes = {v.voter: v for v in item.votes}
+        deadline = time.time() + deadline_s
+        self._entries[item.text_id] = _Entry(votes, item.submitted_at, item.text, item.metadata, expected, deadline)
+        heapq.heappush(self._deadlines, (deadline, item.text_id))
 
     async def add_votes(self, votes: list[Vote], expected: int, deadline_s: float) -> list[Ready]:
         ready: list[Ready] = []
@@ -92,15 +123,16 @@ class MemoryJoinStore(JoinStore):
             if entry is None:
                 continue
             entry.votes[vote.voter] = vote
-            if len(entry.votes) >= expected:
+            if len(entry.votes) >= (entry.expected or expected):
                 ready.append(self._claim(vote.text_id))
         return ready
 
     async def pop_expired(self, now: float, limit: int = 1000) -> list[Ready]:
         ready: list[Ready] = []
         while self._deadlines and self._deadlines[0][0] <= now and len(ready) < limit:
-            _, text_id = heapq.heappop(self._deadlines)
-            if text_id in self._entries:
+            deadline, text_id = heapq.heappop(self._deadlines)
+            entry = self._entries.get(text_id)
+            if entry is not None and deadline == entry.deadline:
                 ready.append(self._claim(text_id))
         return ready
 
@@ -117,8 +149,10 @@ for i = 7, #ARGV, 3 do
     redis.call('HSET', key, 'v:' .. voter, vote)
     redis.call('EXPIRE', key, ttl)
     redis.call('ZADD', p .. 'deadlines', 'NX', now + dl, id)
-    local n = redis.call('HLEN', key) - redis.call('HEXISTS', key, 't')
-    if n >= expected and redis.call('SET', p .. 'decided:' .. id, '1', 'NX', 'EX', claim_ttl) then
+    local n = redis.call('HLEN', key)
+    for _, f in ipairs({'t', 'x', 'm', 'e'}) do n = n - redis.call('HEXISTS', key, f) end
+    local need = tonumber(redis.call('HGET', key, 'e') or expected)
+    if n >= need and redis.call('SET', p .. 'decided:' .. id, '1', 'NX', 'EX', claim_ttl) then
       redis.call('ZREM', p .. 'deadlines', id)
       table.insert(out, id)
       table.insert(out, redis.call('HGETALL', key))
@@ -127,6 +161,17 @@ for i = 7, #ARGV, 3 do
   end
 end
 return out
+"""
+
+# ARGV: prefix, text_id, deadline_ms (absolute), ttl, then (field, value)*
+_REOPEN = """
+local p, id, dl, ttl = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local key = p .. 'join:' .. id
+redis.call('DEL', p .. 'decided:' .. id)
+for i = 5, #ARGV, 2 do redis.call('HSET', key, ARGV[i], ARGV[i + 1]) end
+redis.call('EXPIRE', key, ttl)
+redis.call('ZADD', p .. 'deadlines', dl, id)
+return 1
 """
 
 # ARGV: prefix, now_ms, limit, claim_ttl
@@ -158,15 +203,29 @@ class RedisJoinStore(JoinStore):
         self.prefix = prefix
         self._add = self.redis.register_script(_ADD_VOTES)
         self._pop = self.redis.register_script(_POP_EXPIRED)
+        self._reopen = self.redis.register_script(_REOPEN)
 
-    async def add_texts(self, items: list[tuple[str, float]], deadline_s: float) -> None:
+    async def add_texts(self, items: Sequence[tuple[Any, ...]], deadline_s: float) -> None:
         pipe = self.redis.pipeline(transaction=False)
-        for text_id, submitted_at in items:
-            key = f"{self.prefix}join:{text_id}"
-            pipe.hsetnx(key, "t", repr(submitted_at))
+        for item in items:
+            sub = Submitted(*item)
+            key = f"{self.prefix}join:{sub.text_id}"
+            pipe.hsetnx(key, "t", repr(sub.submitted_at))
+            if sub.text is not None:
+                pipe.hsetnx(key, "x", sub.text)
+                pipe.hsetnx(key, "m", json.dumps(sub.metadata or {}))
             pipe.expire(key, JOIN_TTL_S)
-            pipe.zadd(f"{self.prefix}deadlines", {text_id: int((submitted_at + deadline_s) * 1000)}, nx=True)
+            pipe.zadd(f"{self.prefix}deadlines", {sub.text_id: int((sub.submitted_at + deadline_s) * 1000)}, nx=True)
         await pipe.execute()
+
+    async def reopen(self, item: Ready, expected: int, deadline_s: float) -> None:
+        fields: list[Any] = ["e", expected, "m", json.dumps(item.metadata)]
+        fields += ["t", repr(item.submitted_at)] if item.submitted_at is not None else []
+        fields += ["x", item.text] if item.text is not None else []
+        for vote in item.votes:
+            fields += [f"v:{vote.voter}", vote.model_dump_json()]
+        deadline_ms = int((time.time() + deadline_s) * 1000)
+        await self._reopen(args=[self.prefix, item.text_id, deadline_ms, JOIN_TTL_S, *fields])
 
     async def add_votes(self, votes: list[Vote], expected: int, deadline_s: float) -> list[Ready]:
         args: list[Any] = [
@@ -189,9 +248,18 @@ class RedisJoinStore(JoinStore):
         ready = []
         for text_id, fields in zip(flat[::2], flat[1::2], strict=True):
             pairs = dict(zip(fields[::2], fields[1::2], strict=True))
-            t = pairs.pop(b"t", None)
+            t, text, meta, escalated = (pairs.pop(f, None) for f in (b"t", b"x", b"m", b"e"))
             votes = [Vote.model_validate_json(v) for v in pairs.values()]
-            ready.append(Ready(text_id.decode(), votes, float(t) if t else None))
+            ready.append(
+                Ready(
+                    text_id.decode(),
+                    votes,
+                    float(t) if t else None,
+                    text.decode() if text is not None else None,
+                    json.loads(meta) if meta else {},
+                    escalated is not None,
+                )
+            )
         return ready
 
     async def close(self) -> None:

@@ -1,8 +1,10 @@
-"""The arbiter's first-version policy: combine a text's votes, apply safety triggers, answer or abstain.
+"""The arbiter's policy: combine a text's votes, cut a conformal set, answer, abstain or escalate to the LLM.
 
-The math lives in `combiner.combine`, on (n, m, k) arrays: `decide` calls it with n = 1 and
-`fit_policy` with the whole calibration split, so the abstention threshold is chosen on exactly the
-decisions the service will make (safety triggers aside: calibration data carries none).
+A text is answered when its conformal prediction set is a single class and its confidence clears the
+risk-controlled threshold (`risk.py`); safety triggers can raise the answer or force a review. When the
+cascade voters (the LLM) have not voted and the cheap voters are unsure — their set is not a single
+class, or their confidence is below `escalate_below` (where the cheap-only policy would abstain) — but
+not hopeless (confidence ≥ `escalate_at`), the arbiter asks for the cascade vote instead of deciding.
 """
 
 from __future__ import annotations
@@ -12,24 +14,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flockwatch.arbiter.combiner import (
-    CONSENSUS,
-    NO_VOTES,
-    PATHS,
-    Array,
-    Combined,
-    LogLinearPool,
-    ThresholdChoice,
-    choose_abstain_threshold,
-    combine,
-    prediction_set_sizes,
-    stack_votes,
-)
+from flockwatch.arbiter.combiner import NO_VOTES, PATHS, Combined, combine
+from flockwatch.arbiter.config import ConformalConfig
+from flockwatch.arbiter.conformal import MondrianSets
+from flockwatch.arbiter.stacker import Array, Stacker, stack_votes
 from flockwatch.common.events import Decision, SafetyTrigger, Vote
 from flockwatch.common.labels import LabelConfig
-from numpy.typing import NDArray
+from flockwatch.common.slices import SliceConfig
 
-FORMAT = "flockwatch.arbiter.policy/1"
+FORMAT = "flockwatch.arbiter.policy/2"
+CHEAP, FULL = "cheap", "full"  # conformal calibrators: without and with the cascade (LLM) votes
 
 
 class PolicyFormatError(ValueError):
@@ -41,88 +35,143 @@ def harm_weights(labels: LabelConfig) -> dict[str, float]:
     return {spec.name: spec.harm for spec in labels.labels}
 
 
+@dataclass
+class DecideItem:
+    """One text ready for decision: its votes, and what the arbiter knows about it."""
+
+    text_id: str
+    votes: Sequence[Vote]
+    text: str | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    latency_ms: float = 0.0
+    may_escalate: bool = True
+    escalated: bool = False  # the cascade voters were asked (their votes may not have come)
+
+
+@dataclass(frozen=True)
+class Escalation:
+    """The cheap voters were unsure: ask the cascade voters, then decide."""
+
+    text_id: str
+    voters: list[str]
+    reason: str
+
+
 @dataclass(eq=False)
 class ArbiterPolicy:
-    """Everything the arbiter needs to decide: classes, harm weights, the fitted pool and thresholds."""
+    """Everything the arbiter needs to decide: classes, harm, stacker, conformal sets and thresholds."""
 
     classes: list[str]
     harm: dict[str, float]
-    pool: LogLinearPool
+    stacker: Stacker
     expected_voters: list[str]
-    consensus_min_prob: float = 0.9
-    abstain_below: float = 0.0
-    set_level: float = 0.9
+    config: ConformalConfig
+    sets: dict[str, MondrianSets]
+    slices: SliceConfig | None = None
+    answer_at: float = 0.0
+    escalate_at: float = 2.0
+    escalate_below: float = 2.0
     version: str = "0"
     calibration_report: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if list(self.harm) != self.classes:
             raise PolicyFormatError(f"harm weights {list(self.harm)} do not match classes {self.classes}")
-        if self.pool.n_classes_ != len(self.classes):
-            raise PolicyFormatError(f"pool has {self.pool.n_classes_} classes, policy {len(self.classes)}")
-        if not 0.5 < self.consensus_min_prob <= 1.0:  # > 0.5 makes the shared class the mean's top class
-            raise PolicyFormatError(f"consensus_min_prob must be in (0.5, 1]; got {self.consensus_min_prob}")
+        if self.stacker.n_classes_ != len(self.classes):
+            raise PolicyFormatError(f"stacker has {self.stacker.n_classes_} classes, policy {len(self.classes)}")
+        if CHEAP not in self.sets:
+            raise PolicyFormatError("the conformal calibrators lack the 'cheap' stage")
         self._index = {c: i for i, c in enumerate(self.classes)}
-        self._slot = {v: j for j, v in enumerate(self.pool.voters_)}
+        self._slot = {v: j for j, v in enumerate(self.stacker.voters_)}
         self._harm = np.array([self.harm[c] for c in self.classes])
+        self._cascade = [v for v in self.config.cascade.voters if v in self._slot]
+
+    @property
+    def cascade_voters(self) -> list[str]:
+        """The expensive voters the stacker knows (asked only on escalation)."""
+        return list(self._cascade)
+
+    @property
+    def first_stage_voters(self) -> list[str]:
+        """The voters a text waits for before its first decision."""
+        return [v for v in self.expected_voters if v not in self._cascade]
 
     @property
     def thresholds(self) -> dict[str, float]:
         """The thresholds in force, as recorded in each decision."""
         return {
-            "consensus_min_prob": self.consensus_min_prob,
-            "abstain_below": self.abstain_below,
-            "set_level": self.set_level,
+            "alpha": self.config.alpha,
+            "answer_at": self.answer_at,
+            "escalate_at": self.escalate_at,
+            "escalate_below": self.escalate_below,
+            "risk_target": self.config.risk.target,
+            "consensus_min_prob": self.config.consensus_min_prob,
         }
 
-    def combine_arrays(self, voter_probs: Mapping[str, Array]) -> Combined:
+    def combine_arrays(self, voter_probs: Mapping[str, Array], consensus: bool = True) -> Combined:
         """`combine` on per-voter (n, k) arrays with NaN rows for abstentions (what calibration uses)."""
-        return combine(self.pool, *stack_votes(self.pool.voters_, voter_probs), self.consensus_min_prob)
+        probs, present = stack_votes(self.stacker.voters_, voter_probs)
+        return combine(self.stacker, probs, present, self.config.consensus_min_prob if consensus else None)
 
-    def decide(
-        self, votes: Sequence[Vote], text_id: str, latency_ms: float, missing: Sequence[str] | None = None
-    ) -> Decision:
-        """Join the votes of one text into a decision (or an abstention with its reason)."""
-        by_voter: dict[str, Vote] = {}
-        for vote in votes:  # a redelivered vote repeats its voter: keep the first
-            if vote.text_id == text_id:
-                by_voter.setdefault(vote.voter, vote)
-        used = list(by_voter.values())
-        probs = np.zeros((1, len(self._slot), len(self.classes)))
-        present = np.zeros((1, len(self._slot)), dtype=bool)
-        notes: list[str] = []
-        for vote in used:
+    def memberships(self, texts: Sequence[str | None], metadata: Sequence[Mapping[str, str]]) -> list[list[str] | None]:
+        """Slice names of each text (None when the text is unknown: the pooled calibrator serves it)."""
+        if self.slices is None:
+            return [[] for _ in texts]
+        return [
+            None if t is None else [s.name for s in self.slices.slices if s.contains(t, dict(m))]
+            for t, m in zip(texts, metadata, strict=True)
+        ]
+
+    def decide(self, votes: Sequence[Vote], text_id: str, latency_ms: float = 0.0, text: str | None = None) -> Decision:
+        """One text's final decision (never an escalation)."""
+        outcome = self.decide_many([DecideItem(text_id, votes, text, latency_ms=latency_ms, may_escalate=False)])[0]
+        assert isinstance(outcome, Decision)
+        return outcome
+
+    def decide_many(self, items: Sequence[DecideItem]) -> list[Decision | Escalation]:
+        """Decide (or escalate) a batch of texts with one vectorized combination."""
+        if not items:
+            return []
+        n, m, k = len(items), len(self._slot), len(self.classes)
+        probs, present = np.zeros((n, m, k)), np.zeros((n, m), dtype=bool)
+        used, notes = [], []
+        for i, item in enumerate(items):
+            by_voter: dict[str, Vote] = {}
+            for vote in item.votes:  # a redelivered vote repeats its voter: keep the first
+                if vote.text_id == item.text_id:
+                    by_voter.setdefault(vote.voter, vote)
+            used.append(list(by_voter.values()))
+            notes.append(self._fill_votes(used[-1], probs[i], present[i]))
+        combined = combine(self.stacker, probs, present, self.config.consensus_min_prob)
+        cascade_cols = [self._slot[v] for v in self._cascade]
+        full = present[:, cascade_cols].any(axis=1) if cascade_cols else np.zeros(n, dtype=bool)
+        groups = self.memberships([it.text for it in items], [it.metadata for it in items])
+        p = np.nan_to_num(combined.probabilities)
+        sets = np.ones((n, k), dtype=bool)
+        for stage, rows in ((CHEAP, ~full), (FULL, full)):
+            rows = rows & (combined.path != NO_VOTES)
+            if rows.any():
+                calibrator = self.sets.get(stage, self.sets[CHEAP])
+                sets[rows] = calibrator.predict_sets(p[rows], [groups[i] for i in np.flatnonzero(rows)])
+        out: list[Decision | Escalation] = []
+        for i, item in enumerate(items):
+            path = int(combined.path[i])
+            escalate = self._escalation(item, path, p[i], sets[i], bool(full[i]))
+            out.append(escalate or self._decision(item, used[i], notes[i], path, p[i], sets[i]))
+        return out
+
+    def _fill_votes(self, votes: list[Vote], probs: Array, present: Array) -> list[str]:
+        notes = []
+        for vote in votes:
             if vote.abstain or not vote.probabilities:
                 notes.append(f"{vote.voter} abstained ({vote.abstain_reason})")
             elif (slot := self._slot.get(vote.voter)) is None:
-                notes.append(f"{vote.voter} ignored (not in the pool)")
-            elif not self._fill(probs[0, slot], vote.probabilities):
+                notes.append(f"{vote.voter} ignored (not in the stacker)")
+            elif not self._fill(probs[slot], vote.probabilities):
                 notes.append(f"{vote.voter} ignored (unknown classes or invalid probabilities)")
             else:
-                present[0, slot] = True
-        combined = combine(self.pool, probs, present, self.consensus_min_prob)
-        arrived = {v.voter for v in used}
-        absent = [v for v in dict.fromkeys([*self.expected_voters, *(missing or [])]) if v not in arrived]
-        triggers = list(dict.fromkeys(t for v in used for t in v.safety))
-        p, path = combined.probabilities[0], int(combined.path[0])
-        verdict = self._verdict(p if path != NO_VOTES else None, triggers, absent, notes)
-        return Decision(
-            message_id=Decision.id_for(text_id),
-            text_id=text_id,
-            prediction=verdict.prediction,
-            confidence=verdict.confidence,
-            abstain=verdict.prediction is None,
-            abstain_reason=verdict.reason,
-            prediction_set=verdict.prediction_set,
-            probabilities={} if path == NO_VOTES else dict(zip(self.classes, p.tolist(), strict=True)),
-            path=PATHS[path],
-            votes=used,
-            missing_voters=absent,
-            safety_applied=verdict.applied,
-            arbiter_version=self.version,
-            thresholds=self.thresholds,
-            latency_ms=latency_ms,
-        )
+                present[slot] = True
+        return notes
 
     def _fill(self, row: Array, probabilities: Mapping[str, float]) -> bool:
         """Write a vote's probabilities into `row`; False for unknown classes or values outside [0, 1]."""
@@ -131,139 +180,117 @@ class ArbiterPolicy:
             if i is None or not 0.0 <= p <= 1.0 + 1e-9:  # also rejects NaN, which Vote's sum check lets by
                 row[:] = 0.0
                 return False
-            row[i] = min(p, 1.0)  # Vote allows sums off by 1e-3; Decision.confidence must stay ≤ 1
+            row[i] = min(p, 1.0)
         return True
 
-    def _verdict(self, p: Array | None, triggers: list[SafetyTrigger], absent: list[str], notes: list[str]) -> _Verdict:
+    def _escalation(self, item: DecideItem, path: int, p: Array, pset: Array, full: bool) -> Escalation | None:
+        if not (item.may_escalate and self._cascade and item.text) or full or path == NO_VOTES:
+            return None
+        confidence = float(p.max())
+        sure = int(pset.sum()) == 1 and pset[int(p.argmax())] and confidence >= self.escalate_below
+        if sure or confidence < self.escalate_at:
+            return None
+        why = f"cheap voters' set {self._names(pset)}, confidence {confidence:.3f}"
+        return Escalation(item.text_id, list(self._cascade), why)
+
+    def _names(self, pset: Array) -> list[str]:
+        return [c for c, inside in zip(self.classes, pset, strict=True) if inside]
+
+    def _decision(
+        self, item: DecideItem, used: list[Vote], notes: list[str], path: int, p: Array, pset: Array
+    ) -> Decision:
+        arrived = {v.voter for v in used}
+        escalated = item.escalated or bool(arrived & set(self._cascade))
+        wanted = [*self.first_stage_voters, *(self._cascade if escalated else [])]
+        absent = [v for v in wanted if v not in arrived]
+        triggers = list(dict.fromkeys(t for v in used for t in v.safety))
+        prediction, reason, applied = self._verdict(None if path == NO_VOTES else p, pset, triggers, absent, notes)
+        return Decision(
+            message_id=Decision.id_for(item.text_id),
+            text_id=item.text_id,
+            prediction=prediction,
+            confidence=0.0 if path == NO_VOTES else float(p.max()),
+            abstain=prediction is None,
+            abstain_reason=reason,
+            prediction_set=self._names(pset),
+            probabilities={} if path == NO_VOTES else dict(zip(self.classes, p.tolist(), strict=True)),
+            path=PATHS[path],
+            votes=used,
+            missing_voters=absent,
+            safety_applied=applied,
+            escalated=escalated,
+            arbiter_version=self.version,
+            thresholds=self.thresholds,
+            latency_ms=item.latency_ms,
+        )
+
+    def _verdict(
+        self, p: Array | None, pset: Array, triggers: list[SafetyTrigger], absent: list[str], notes: list[str]
+    ) -> tuple[str | None, str | None, list[SafetyTrigger]]:
         reviews = [t for t in triggers if t.review]
         floors = [t for t in triggers if t.min_label is not None]
         unknown = [t for t in floors if t.min_label not in self._index]
-        if p is None:
-            confidence, pset = 0.0, list(self.classes)
-            details = "; ".join([*notes, *([f"missing: {', '.join(absent)}"] if absent else [])])
-            reason = "no voter gave an opinion" + (f" ({details})" if details else "")
-        else:
-            order = np.argsort(-p, kind="stable")
-            confidence = float(p[order[0]])
-            pset = [self.classes[i] for i in order[: int(prediction_set_sizes(p[None], self.set_level)[0])]]
-            reason = f"confidence {confidence:.2f} < threshold {self.abstain_below:.2f}"
         if reviews:
-            rules = ", ".join(t.rule_id for t in reviews)
-            return _Verdict(None, confidence, f"safety review: rule {rules}", pset, reviews)
+            return None, f"safety review: rule {', '.join(t.rule_id for t in reviews)}", reviews
         if unknown:  # a floor we cannot interpret must not be ignored: send the text to review
             rules = ", ".join(f"{t.rule_id} ({t.min_label})" for t in unknown)
-            return _Verdict(None, confidence, f"safety floor names an unknown label: rule {rules}", pset, unknown)
-        if p is None or confidence < self.abstain_below:
-            return _Verdict(None, confidence, reason, pset, [])
-        top = int(order[0])
+            return None, f"safety floor names an unknown label: rule {rules}", unknown
+        if p is None:
+            details = "; ".join([*notes, *([f"missing: {', '.join(absent)}"] if absent else [])])
+            return None, "no voter gave an opinion" + (f" ({details})" if details else ""), []
+        level = f"{1 - self.config.alpha:.0%}"
+        top, size = int(p.argmax()), int(pset.sum())
+        if size == 0:
+            return None, f"empty prediction set at {level}: no class is plausible", []
+        if size > 1 or not pset[top]:
+            return None, f"prediction set {self._names(pset)} at {level} is not a single class", []
+        if p[top] < self.answer_at:
+            target = f"{self.config.risk.target:.1%}"
+            return None, f"confidence {p[top]:.3f} < {self.answer_at:.3f}, the threshold for ≤ {target} error", []
         binding = [t for t in floors if self.harm[str(t.min_label)] > self._harm[top]]
         if not binding:
-            return _Verdict(self.classes[top], confidence, None, pset, [])
+            return self.classes[top], None, []
         floor = max(self.harm[str(t.min_label)] for t in binding)
         raised = int(np.argmax(np.where(self._harm >= floor, p, -1.0)))
-        return _Verdict(self.classes[raised], confidence, None, pset, binding)
+        return self.classes[raised], None, binding
 
     def to_dict(self) -> dict[str, Any]:
-        """A plain JSON-ready dict (no pickle): the artifact can be read and diffed."""
+        """JSON-ready (the conformal calibrators are stored apart, as MAPIE objects)."""
         return {
             "format": FORMAT,
             "version": self.version,
             "classes": list(self.classes),
             "harm": {c: float(h) for c, h in self.harm.items()},
             "expected_voters": list(self.expected_voters),
-            "thresholds": self.thresholds,
-            "pool": self.pool.to_dict(),
+            "config": self.config.model_dump(),
+            "answer_at": self.answer_at,
+            "escalate_at": self.escalate_at,
+            "escalate_below": self.escalate_below,
+            "stacker": self.stacker.to_dict(),
             "calibration_report": dict(self.calibration_report),
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ArbiterPolicy:
-        """Rebuild a policy from `to_dict()` output."""
+    def from_dict(
+        cls, data: Mapping[str, Any], sets: dict[str, MondrianSets], slices: SliceConfig | None = None
+    ) -> ArbiterPolicy:
+        """Rebuild a policy from `to_dict()` output and its calibrators."""
         if data.get("format") != FORMAT:
             raise PolicyFormatError(f"not a serialized ArbiterPolicy: format {data.get('format')!r}")
         try:
             return cls(
                 classes=[str(c) for c in data["classes"]],
                 harm={str(c): float(h) for c, h in data["harm"].items()},
-                pool=LogLinearPool.from_dict(data["pool"]),
+                stacker=Stacker.from_dict(data["stacker"]),
                 expected_voters=[str(v) for v in data["expected_voters"]],
+                config=ConformalConfig.model_validate(data["config"]),
+                sets=sets,
+                slices=slices,
+                answer_at=float(data["answer_at"]),
+                escalate_at=float(data["escalate_at"]),
+                escalate_below=float(data["escalate_below"]),
                 version=str(data["version"]),
                 calibration_report=dict(data.get("calibration_report", {})),
-                **{k: float(v) for k, v in data["thresholds"].items()},
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise PolicyFormatError(f"bad serialized ArbiterPolicy: {exc}") from exc
-
-
-@dataclass(frozen=True)
-class _Verdict:
-    prediction: str | None
-    confidence: float
-    reason: str | None
-    prediction_set: list[str]
-    applied: list[SafetyTrigger]
-
-
-def fit_policy(
-    oof_votes: Mapping[str, Array],
-    y_train: NDArray[np.integer[Any]],
-    cal_votes: Mapping[str, Array],
-    y_cal: NDArray[np.integer[Any]],
-    classes: list[str],
-    harm: Mapping[str, float],
-    target_error: float = 0.05,
-    *,
-    min_coverage: float = 0.0,
-    expected_voters: list[str] | None = None,
-    consensus_min_prob: float = 0.9,
-    set_level: float = 0.9,
-    version: str = "1",
-    pool: LogLinearPool | None = None,
-) -> ArbiterPolicy:
-    """Fit the pool on out-of-fold train probabilities, then pick `abstain_below` on the calibration split."""
-    fitted = (pool if pool is not None else LogLinearPool()).fit(oof_votes, y_train)
-    policy = ArbiterPolicy(
-        classes=list(classes),
-        harm={c: float(harm[c]) for c in classes},
-        pool=fitted,
-        expected_voters=list(expected_voters if expected_voters is not None else oof_votes),
-        consensus_min_prob=consensus_min_prob,
-        set_level=set_level,
-        version=version,
-    )
-    combined = policy.combine_arrays(cal_votes)
-    choice = choose_abstain_threshold(*_confidence_and_correct(combined, y_cal), target_error, min_coverage)
-    policy.abstain_below = choice.threshold
-    policy.calibration_report = _report(combined, np.asarray(y_cal), choice, target_error, set_level)
-    return policy
-
-
-def _confidence_and_correct(combined: Combined, y: NDArray[np.integer[Any]]) -> tuple[Array, NDArray[np.bool_]]:
-    """Top-class probability (NaN where no voter gave an opinion: those rows always abstain) and hits."""
-    voted = combined.path != NO_VOTES
-    p = np.nan_to_num(combined.probabilities)
-    return np.where(voted, p.max(axis=1), np.nan), voted & (p.argmax(axis=1) == np.asarray(y))
-
-
-def _report(
-    combined: Combined, y: NDArray[Any], choice: ThresholdChoice, target_error: float, set_level: float
-) -> dict[str, Any]:
-    confidence, correct = _confidence_and_correct(combined, y)
-    voted, consensus = combined.path != NO_VOTES, combined.path == CONSENSUS
-    p = np.nan_to_num(combined.probabilities[voted])
-    sizes = prediction_set_sizes(p, set_level)
-    rank = (p > p[np.arange(len(p)), y[voted], None]).sum(axis=1)  # classes strictly above the truth
-    return {
-        "n": len(y),
-        "target_error": target_error,
-        "threshold": choice.threshold,
-        "coverage": choice.coverage,
-        "error": choice.error,
-        "met": choice.met,
-        "no_votes_rate": float(1.0 - voted.mean()) if len(y) else 0.0,
-        "consensus_rate": float(consensus.mean()) if len(y) else 0.0,
-        "consensus_error": float(1.0 - correct[consensus].mean()) if consensus.any() else None,
-        "set_level": set_level,
-        "set_coverage": float((rank < sizes).mean()) if len(p) else None,
-        "mean_set_size": float(sizes.mean()) if len(p) else None,
-    }

@@ -11,3 +11,6 @@ class ArbiterSettings(CommonSettings):
         500, ge=1, le=600_000, description="Decide with the votes that arrived this long after submission."
     )
     arbiter_tick_ms: int = Field(10, ge=1, le=10_000, description="How often expired joins are looked for.")
+    arbiter_cascade: bool = Field(
+        True, description="Ask the cascade voters (the LLM) about unsure texts when the bundle's policy has them."
+    )

@@ -1,88 +1,223 @@
-"""Evaluate a model bundle on labeled texts: every voter and the ensemble, through the services' own code."""
+"""Evaluate a model bundle on labeled texts: every voter and the ensemble, through the services' own code.
+
+`decide_all` runs the voters and the arbiter policy exactly as the services do (minus the bus),
+including the cascade: texts the policy escalates are scored by the cascade voters (the LLM) and
+decided again. `evaluate` adds what the issue asks to see next to the headline metrics: quality per
+subset of voters (what the stacker does when voters are missing) and what the consensus fast path costs.
+"""
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Sequence
+import itertools
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from flockwatch.arbiter.app import load_policy
+from flockwatch.arbiter.combiner import CONSENSUS
+from flockwatch.arbiter.model import ArbiterPolicy, DecideItem, Escalation
 from flockwatch.classical_voter.app import load_core as load_classical
 from flockwatch.common.artifacts import read_manifest, verified_file
 from flockwatch.common.datasets import Dataset
 from flockwatch.common.events import Decision, TextSubmitted
 from flockwatch.common.labels import LabelConfig
-from flockwatch.common.metrics import classification_report
 from flockwatch.common.service import VoterCore
 from flockwatch.common.slices import SliceConfig
 from flockwatch.common.voting import Opinion, to_vote
 from flockwatch.regex_voter.app import load_core as load_regex
+from flockwatch.trainer.report import EvalInputs, compute_metrics, write_report
+from sklearn.metrics import accuracy_score, f1_score
+
+Mode = Literal["cascade", "always", "never"]
+Progress = Callable[[str], None]
 
 
 def load_cores(model_dir: Path) -> list[VoterCore]:
     """Every voter core the bundle configures."""
-    return [core for core in (load_regex(model_dir), load_classical(model_dir)) if core is not None]
+    loaders = [load_regex, load_classical, *_optional_loaders()]
+    return [core for load in loaders if (core := load(model_dir)) is not None]
 
 
-def opinions_matrix(opinions: Sequence[Opinion], classes: list[str]) -> np.ndarray:
-    """Rows of class probabilities; NaN rows where the voter abstained."""
+def _optional_loaders() -> list[Callable[[Path], VoterCore | None]]:
+    from flockwatch.llm_voter.app import load_core as load_llm
+    from flockwatch.ws_voter.app import load_core as load_ws
+
+    return [load_ws, load_llm]
+
+
+def opinions_matrix(opinions: Sequence[Opinion | None], classes: list[str]) -> np.ndarray:
+    """Rows of class probabilities; NaN rows where the voter abstained or was not asked (None)."""
     out = np.full((len(opinions), len(classes)), np.nan)
     for i, op in enumerate(opinions):
-        if op.probabilities is not None:
+        if op is not None and op.probabilities is not None:
             out[i] = [op.probabilities.get(c, 0.0) for c in classes]
     return out
 
 
-def decide_all(model_dir: Path, texts: list[str], batch: int = 512) -> tuple[list[Decision], dict[str, list[Opinion]]]:
-    """Run every voter and the arbiter on texts, exactly as the services do (minus the bus)."""
-    cores = load_cores(model_dir)
-    policy = load_policy(model_dir)
-    opinions: dict[str, list[Opinion]] = {}
+@dataclass
+class Run:
+    """What `decide_all` saw: the decisions, each voter's opinions (None: not asked), who was escalated."""
+
+    decisions: list[Decision]
+    opinions: dict[str, list[Opinion | None]]
+    escalated: np.ndarray
+
+
+def _predict(cores: Sequence[VoterCore], texts: Sequence[str], batch: int) -> dict[str, list[Opinion | None]]:
+    out: dict[str, list[Opinion | None]] = {}
     for core in cores:
         for start in range(0, len(texts), batch):
             for voter, column in core.predict(texts[start : start + batch]).items():
-                opinions.setdefault(voter, []).extend(column)
+                out.setdefault(voter, []).extend(column)
+    return out
+
+
+def decide_all(model_dir: Path, texts: list[str], mode: Mode = "cascade", batch: int = 256) -> Run:
+    """Decide every text as the running system would; `always`/`never` ask the cascade voters for all/none."""
+    cores = load_cores(model_dir)
+    policy = load_policy(model_dir)
+    expensive = set(policy.cascade_voters)
+    cheap = [c for c in cores if not set(c.voters) & expensive]
+    costly = [c for c in cores if set(c.voters) & expensive]
+    opinions = _predict(cheap, texts, batch)
     versions = {voter: core.version for core in cores for voter in core.voters}
-    decisions = []
-    for i, text in enumerate(texts):
-        msg = TextSubmitted(message_id=f"eval:{i}", text_id=f"eval-{i}", text=text)
-        votes = [to_vote(msg, voter, versions[voter], column[i], 0.0) for voter, column in opinions.items()]
-        missing = [v for v in policy.expected_voters if v not in opinions]
-        decisions.append(policy.decide(votes, msg.text_id, 0.0, missing))
-    return decisions, opinions
+    n = len(texts)
+    asked = np.zeros(n, dtype=bool)
+    if costly and mode == "always":
+        asked[:] = True
+    elif costly and mode == "cascade":
+        first = policy.decide_many(_items(policy, texts, opinions, versions, range(n), True))
+        asked = np.array([isinstance(d, Escalation) for d in first])
+    if asked.any():
+        idx = np.flatnonzero(asked)
+        extra = _predict(costly, [texts[i] for i in idx], batch)
+        for voter, column in extra.items():
+            full: list[Opinion | None] = [None] * n
+            for i, op in zip(idx, column, strict=True):
+                full[i] = op
+            opinions[voter] = full
+    decisions = policy.decide_many(_items(policy, texts, opinions, versions, range(n), False))
+    return Run([d for d in decisions if isinstance(d, Decision)], opinions, asked)
 
 
-def evaluate(model_dir: Path, data: Dataset) -> dict[str, Any]:
-    """metrics.json content: per voter, the ensemble, its decision paths, and per slice."""
+def _items(
+    policy: ArbiterPolicy,
+    texts: list[str],
+    opinions: dict[str, list[Opinion | None]],
+    versions: dict[str, str],
+    rows: Sequence[int],
+    may_escalate: bool,
+) -> list[DecideItem]:
+    items = []
+    for i in rows:
+        msg = TextSubmitted(message_id=f"eval:{i}", text_id=f"eval-{i}", text=texts[i])
+        votes = [
+            to_vote(msg, voter, versions[voter], op, 0.0)
+            for voter, column in opinions.items()
+            if (op := column[i]) is not None
+        ]
+        items.append(DecideItem(msg.text_id, votes, texts[i], may_escalate=may_escalate))
+    return items
+
+
+def collect(model_dir: Path, data: Dataset, mode: Mode = "cascade", slices: Path | None = None) -> EvalInputs:
+    """Run the bundle on `data` and gather what the report needs."""
     labels = LabelConfig.load(verified_file(model_dir, "labels.yaml"))
     classes = labels.names
     unknown = sorted(set(data.labels) - set(classes))
     if unknown:
         raise ValueError(f"the data has labels the model does not know: {unknown}")
-    decisions, opinions = decide_all(model_dir, data.texts)
-    report: dict[str, Any] = {"n": len(data), "classes": classes, "voters": {}}
-    for voter, column in opinions.items():
-        probs = opinions_matrix(column, classes)
-        report["voters"][voter] = classification_report(data.labels, probs, classes)
-    ens = np.array([[d.probabilities.get(c, 0.0) for c in classes] for d in decisions])
-    answered = np.array([not d.abstain for d in decisions])
-    report["ensemble"] = classification_report(data.labels, ens, classes, answered=answered)
-    report["ensemble"]["paths"] = dict(Counter(d.path for d in decisions))
-    report["ensemble"]["set_size_mean"] = float(np.mean([len(d.prediction_set) for d in decisions]))
-    report["slices"] = _slices(model_dir, data, ens, answered, classes)
-    return report
+    run = decide_all(model_dir, data.texts, mode)
+    policy = load_policy(model_dir)
+    voters = {v: opinions_matrix(col, classes) for v, col in run.opinions.items()}
+    ens = np.array([[d.probabilities.get(c, np.nan) for c in classes] for d in run.decisions])
+    slice_config = _slice_config(model_dir, slices)
+    return EvalInputs(
+        classes=classes,
+        y_true=list(data.labels),
+        voters=voters,
+        ensemble=ens,
+        answered=np.array([not d.abstain for d in run.decisions]),
+        prediction_sets=[list(d.prediction_set) for d in run.decisions],
+        paths=[d.path for d in run.decisions],
+        voters_used=[[v.voter for v in d.votes if not v.abstain] for d in run.decisions],
+        llm_called=run.escalated,
+        slices=slice_config.members(data.texts) if slice_config else {},
+        risk_target=policy.config.risk.target,
+        set_level=1 - policy.config.alpha,
+        baselines={"mean_of_voters": _mean_of_voters(voters)},
+        abstain_reasons=[d.abstain_reason for d in run.decisions],
+    )
 
 
-def _slices(
-    model_dir: Path, data: Dataset, ens: np.ndarray, answered: np.ndarray, classes: list[str]
+def _slice_config(model_dir: Path, slices: Path | None) -> SliceConfig | None:
+    if slices is not None:
+        return SliceConfig.load(slices)
+    if "slices.yaml" in read_manifest(model_dir, verify=False).files:
+        return SliceConfig.load(verified_file(model_dir, "slices.yaml"))
+    return None
+
+
+def _mean_of_voters(voters: dict[str, np.ndarray]) -> np.ndarray:
+    """The naive ensemble the stacker replaces: the mean of the voters that gave an opinion."""
+    stack = np.stack(list(voters.values()))
+    with np.errstate(invalid="ignore"):
+        mean = np.nanmean(np.where(np.isnan(stack), np.nan, stack), axis=0)
+    return mean / np.nansum(mean, axis=1, keepdims=True)
+
+
+def stacker_analysis(model_dir: Path, inputs: EvalInputs) -> dict[str, Any]:
+    """Macro-F1 and accuracy of the forced answer for every subset of voters, and the consensus path's cost."""
+    policy = load_policy(model_dir)
+    y = np.array([inputs.classes.index(c) for c in inputs.y_true])
+    voters = [v for v in policy.stacker.voters_ if v in inputs.voters]
+    subsets: dict[str, Any] = {}
+    for size in range(1, len(voters) + 1):
+        for subset in itertools.combinations(voters, size):
+            combined = policy.combine_arrays({v: inputs.voters[v] for v in subset}, consensus=False)
+            voted = ~np.isnan(combined.probabilities).any(axis=1)
+            pred = np.nan_to_num(combined.probabilities).argmax(axis=1)
+            subsets["+".join(subset)] = {
+                "n": int(voted.sum()),
+                "macro_f1": float(f1_score(y[voted], pred[voted], average="macro")) if voted.any() else None,
+                "accuracy": float(accuracy_score(y[voted], pred[voted])) if voted.any() else None,
+            }
+    all_votes = {v: inputs.voters[v] for v in voters}
+    fast = policy.combine_arrays(all_votes, consensus=True)
+    slow = policy.combine_arrays(all_votes, consensus=False)
+    on = fast.path == CONSENSUS
+
+    def acc(p: np.ndarray) -> float | None:
+        return float((np.nan_to_num(p[on]).argmax(axis=1) == y[on]).mean()) if on.any() else None
+
+    return {
+        "subsets": subsets,
+        "consensus": {
+            "rate": float(on.mean()) if len(on) else 0.0,
+            "accuracy_fast_path": acc(fast.probabilities),
+            "accuracy_stacker_on_same_texts": acc(slow.probabilities),
+        },
+    }
+
+
+def evaluate(
+    model_dir: Path,
+    data: Dataset,
+    out: Path | None = None,
+    slices: Path | None = None,
+    mode: Mode = "cascade",
+    progress: Progress = lambda _: None,
 ) -> dict[str, Any]:
-    if "slices.yaml" not in read_manifest(model_dir, verify=False).files:
-        return {}
-    config = SliceConfig.load(verified_file(model_dir, "slices.yaml"))
-    out = {}
-    for name, idx in config.members(data.texts).items():
-        if idx:
-            out[name] = classification_report([data.labels[i] for i in idx], ens[idx], classes, answered=answered[idx])
-    return out
+    """metrics.json content (and, with `out`, the report and its plots)."""
+    progress("voters and arbiter on every text")
+    inputs = collect(model_dir, data, mode, slices)
+    metrics = write_report(inputs, out, progress) if out is not None else compute_metrics(inputs)
+    progress("stacker per voter subset; consensus cost")
+    metrics["stacker"] = stacker_analysis(model_dir, inputs)
+    metrics["mode"] = mode
+    if out is not None:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
+    return metrics

@@ -17,7 +17,9 @@ from typing import Any
 
 import joblib
 import numpy as np
-from flockwatch.arbiter.model import fit_policy, harm_weights
+from flockwatch.arbiter.config import ConformalConfig
+from flockwatch.arbiter.fit import fit_policy
+from flockwatch.arbiter.model import harm_weights
 from flockwatch.classical_voter.model import ClassicalModel
 from flockwatch.common.artifacts import Manifest, new_version, publish_dir, write_manifest
 from flockwatch.common.datasets import Dataset, split
@@ -26,6 +28,9 @@ from flockwatch.common.slices import SliceConfig
 from flockwatch.regex_voter.model import RuleEngine
 from flockwatch.regex_voter.rules import load_rules
 from flockwatch.trainer.evaluate import evaluate, opinions_matrix
+from flockwatch.ws_voter.app import save as save_ws
+from flockwatch.ws_voter.lfs import load_lfs
+from flockwatch.ws_voter.model import WSModel
 
 Progress = Callable[[str], None]
 
@@ -40,7 +45,10 @@ class TrainConfig:
     labels: Path | None = None
     rules: Path | None = None
     slices: Path | None = None
-    target_error: float = 0.05
+    conformal: Path | None = None
+    lfs: Path | None = None
+    llm: Path | None = None
+    llm_base: Path = Path("models/base/smollm2-135m-instruct")
     folds: int = 5
 
 
@@ -68,9 +76,11 @@ def train(config: TrainConfig, progress: Progress = lambda _: None) -> Path:
     cal: dict[str, np.ndarray] = {}
     components: dict[str, str] = {}
     shutil.copyfile(config.labels, staging / "labels.yaml") if config.labels else _dump_labels(labels, staging)
+    slices = SliceConfig.load(config.slices) if config.slices else None
     if config.slices:
-        SliceConfig.load(config.slices)
         shutil.copyfile(config.slices, staging / "slices.yaml")
+    conformal = ConformalConfig.load(config.conformal)
+    _dump_yaml(conformal.model_dump(), staging / "conformal.yaml")
     if config.rules:
         progress("regex rules")
         engine = RuleEngine(load_rules(config.rules, labels), labels)
@@ -88,15 +98,27 @@ def train(config: TrainConfig, progress: Progress = lambda _: None) -> Path:
     )
     cal.update(_reorder(model.predict_proba_all(cal_set.texts), model, classes))
     joblib.dump(model, staging / "classical.joblib")
+    ws_report = _weak_supervision(config, labels, train_set, cal_set, oof, cal, staging, components, progress)
+    llm_report = _llm(config, labels, train_set, cal_set, oof, cal, staging, components, progress)
 
-    progress("arbiter: pool on out-of-fold outputs, threshold on calibration")
+    progress("arbiter: stacker on out-of-fold outputs; conformal sets and thresholds on calibration")
     version = new_version(config.data.sha256())
     components["classical"] = f"classical-{version}"
     policy = fit_policy(
-        oof, y_train, cal, y_cal, classes, harm_weights(labels), config.target_error, version=f"arbiter-{version}"
+        oof,
+        y_train,
+        cal,
+        y_cal,
+        classes,
+        harm_weights(labels),
+        conformal,
+        cal_texts=cal_set.texts,
+        slices=slices,
+        version=f"arbiter-{version}",
     )
     components["arbiter"] = policy.version
     (staging / "arbiter.json").write_text(json.dumps(policy.to_dict(), indent=1), encoding="utf-8")
+    joblib.dump(policy.sets, staging / "conformal.joblib")
 
     manifest = Manifest(
         name=config.name,
@@ -104,7 +126,8 @@ def train(config: TrainConfig, progress: Progress = lambda _: None) -> Path:
         data_sha256=config.data.sha256(),
         components=components,
         config={
-            "target_error": config.target_error,
+            "risk_target": conformal.risk.target,
+            "alpha": conformal.alpha,
             "folds": config.folds,
             "splits": {k: len(v) for k, v in parts.items()},
         },
@@ -113,10 +136,97 @@ def train(config: TrainConfig, progress: Progress = lambda _: None) -> Path:
     progress("evaluate on the test split")
     metrics = evaluate(staging, test_set)
     metrics["calibration"] = policy.calibration_report
+    if ws_report:
+        metrics["ws_choice"] = ws_report
+    if llm_report:
+        metrics["llm_training"] = llm_report
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
     (staging / "model_card.md").write_text(model_card(manifest, metrics), encoding="utf-8")
     write_manifest(staging, manifest.model_copy(update={"metrics": _headline(metrics)}))
     return publish_dir(staging, config.out, version)
+
+
+def _weak_supervision(
+    config: TrainConfig,
+    labels: LabelConfig,
+    train_set: Dataset,
+    cal_set: Dataset,
+    oof: dict[str, np.ndarray],
+    cal: dict[str, np.ndarray],
+    staging: Path,
+    components: dict[str, str],
+    progress: Progress,
+) -> dict[str, Any]:
+    """The Snorkel voter over the rules and keyword LFs; its train outputs use no labels, so they are out-of-fold.
+
+    Voter LFs read the other voters' out-of-fold train outputs here and their live outputs at run time.
+    """
+    if not (config.rules or config.lfs):
+        return {}
+    progress("weak supervision: label model over the labeling functions")
+    ws = WSModel.fit(
+        train_set.texts, labels, load_lfs(labels, config.rules, config.lfs), voter_outputs=oof, y=train_set.labels
+    )
+    oof["ws"] = opinions_matrix(ws.predict_with(train_set.texts, oof)["ws"], labels.names)
+    cal["ws"] = opinions_matrix(ws.predict_with(cal_set.texts, cal)["ws"], labels.names)
+    save_ws(ws, staging)
+    components["ws"] = ws.version
+    return dict(ws.report_)
+
+
+def _llm(
+    config: TrainConfig,
+    labels: LabelConfig,
+    train_set: Dataset,
+    cal_set: Dataset,
+    oof: dict[str, np.ndarray],
+    cal: dict[str, np.ndarray],
+    staging: Path,
+    components: dict[str, str],
+    progress: Progress,
+) -> dict[str, Any]:
+    """The LoRA adapter on one half of train; its outputs on the other half (out-of-fold) and on calibration.
+
+    One fold instead of K: a CPU LoRA run costs minutes, so the stacker learns the LLM's weight from the
+    half it did not train on (its rows in the first half are 'not asked', which the stacker handles).
+    The held-out half also drives early stopping and the temperature, as validation data.
+    """
+    if config.llm is None:
+        return {}
+    from flockwatch.llm_voter.app import load_core as load_llm
+    from flockwatch.llm_voter.config import LoraConfig
+    from flockwatch.llm_voter.lora import train_lora
+
+    half = np.arange(len(train_set)) % 2 == 0
+    fit_idx, held_idx = np.flatnonzero(half), np.flatnonzero(~half)
+    texts, ys = train_set.texts, train_set.labels
+    result = train_lora(
+        [texts[i] for i in fit_idx],
+        [ys[i] for i in fit_idx],
+        [texts[i] for i in held_idx],
+        [ys[i] for i in held_idx],
+        labels,
+        LoraConfig.load(config.llm),
+        config.llm_base,
+        staging / "llm",
+        progress,
+    )
+    components["llm"] = f"llm-{new_version(config.data.sha256())}"
+    write_manifest(staging, Manifest(name=config.name, version="staging", components=components))
+    core = load_llm(staging)
+    assert core is not None
+    progress("LLM voter: out-of-fold outputs on the held-out half of train, and on calibration")
+    oof["llm"] = np.full((len(train_set), len(labels.names)), np.nan)
+    oof["llm"][held_idx] = opinions_matrix(core.predict([texts[i] for i in held_idx])["llm"], labels.names)
+    cal["llm"] = opinions_matrix(core.predict(cal_set.texts)["llm"], labels.names)
+    return {
+        "train_seconds": result.train_seconds,
+        "steps": result.steps,
+        "best_step": result.best_step,
+        "temperature": result.temperature,
+        "n_train": result.n_train,
+        "invalid_outputs": result.invalid_outputs,
+    }
 
 
 def _ensure(path: Path) -> Path:
@@ -125,9 +235,13 @@ def _ensure(path: Path) -> Path:
 
 
 def _dump_labels(labels: LabelConfig, staging: Path) -> None:
+    _dump_yaml(labels.model_dump(), staging / "labels.yaml")
+
+
+def _dump_yaml(data: dict[str, Any], path: Path) -> None:
     import yaml
 
-    (staging / "labels.yaml").write_text(yaml.safe_dump(labels.model_dump(), sort_keys=False), encoding="utf-8")
+    path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
 
 
 def _reorder(probs: dict[str, np.ndarray], model: ClassicalModel, classes: list[str]) -> dict[str, np.ndarray]:
@@ -145,10 +259,15 @@ def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: ens.get(k) for k in ("macro_f1", "ece", "coverage", "selective_error")}
 
 
+def _f(value: Any) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
 def model_card(manifest: Manifest, metrics: dict[str, Any]) -> str:
     """A short human-readable description of the bundle."""
     rows = [
-        f"| {name} | {r['macro_f1']:.3f} | {r['ece']:.3f} | {r['coverage']:.3f} | {r['selective_error']:.3f} |"
+        f"| {name} | {_f(r.get('macro_f1'))} | {_f(r.get('ece'))} | {_f(r.get('coverage'))} | "
+        f"{_f(r.get('selective_error'))} |"
         for name, r in [*metrics["voters"].items(), ("**ensemble**", metrics["ensemble"])]
         if r.get("macro_f1") is not None
     ]

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
-
 from flockwatch.cli.main import app
 from flockwatch.common.artifacts import ArtifactError, read_manifest
+from typer.testing import CliRunner
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -20,21 +19,51 @@ def test_train_and_eval_on_a_users_jsonl_without_rules(tmp_path: Path, data_file
     data = tmp_path / "questions.jsonl"
     frame.rename(columns={"text": "question", "label": "kind"}).to_json(data, orient="records", lines=True)
     runner = CliRunner()
-    trained = runner.invoke(app, ["train", "--data", str(data), "--text-col", "question", "--label-col", "kind",
-                                  "--out", str(tmp_path / "models")])
+    trained = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(data),
+            "--text-col",
+            "question",
+            "--label-col",
+            "kind",
+            "--out",
+            str(tmp_path / "models"),
+        ],
+    )
     assert trained.exit_code == 0, trained.output
     bundle = tmp_path / "models" / "current"
     manifest = read_manifest(bundle)  # every file's sha256 verified
     assert "rules.yaml" not in manifest.files  # no rules for this data: no regex voter
-    evaluated = runner.invoke(app, ["eval", "--models", str(bundle), "--data", str(data), "--out",
-                                    str(tmp_path / "eval"), "--text-col", "question", "--label-col", "kind"])
+    evaluated = runner.invoke(
+        app,
+        [
+            "eval",
+            "--models",
+            str(bundle),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "eval"),
+            "--text-col",
+            "question",
+            "--label-col",
+            "kind",
+        ],
+    )
     assert evaluated.exit_code == 0, evaluated.output
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert set(metrics["voters"]) == {"tfidf_lr", "tfidf_svm"}
-    for report in [*metrics["voters"].values(), metrics["ensemble"]]:
+    for report in metrics["voters"].values():
         assert 0.3 < report["macro_f1"] <= 1 and 0 <= report["ece"] < 0.3
         assert set(report["per_class_f1"]) == {"ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"}
-    assert 0 < metrics["ensemble"]["coverage"] <= 1
+    ensemble = metrics["ensemble"]  # forced answers on every text, and the risk-controlled answers
+    assert 0.3 < ensemble["macro_f1_all"] <= 1 and 0 <= ensemble["ece"] < 0.3
+    assert 0 <= ensemble["coverage"] <= 1 and (ensemble["coverage"] == 0) == (ensemble["macro_f1"] is None)
+    assert (tmp_path / "eval" / "report.md").stat().st_size > 0
+    assert {p.name for p in (tmp_path / "eval").glob("*.png")} >= {"reliability.png", "risk_coverage.png"}
 
 
 def test_a_tampered_bundle_is_refused(tmp_path: Path, sms_bundle: Path) -> None:
@@ -55,8 +84,16 @@ def test_missing_column_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_rules_test_shows_which_rules_fire() -> None:
-    result = CliRunner().invoke(app, ["rules", "test", str(CONFIGS / "sms" / "rules.yaml"),
-                                      "WINNER! Claim your prize now, call 09061701461",
-                                      "--labels", str(CONFIGS / "sms" / "labels.yaml")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "rules",
+            "test",
+            str(CONFIGS / "sms" / "rules.yaml"),
+            "WINNER! Claim your prize now, call 09061701461",
+            "--labels",
+            str(CONFIGS / "sms" / "labels.yaml"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "spam-premium-number" in result.output and "spam" in result.output

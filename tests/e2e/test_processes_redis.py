@@ -91,6 +91,7 @@ async def test_two_hundred_texts_get_one_decision_each_while_a_voter_dies(
             ("regex_voter", "regex-1"),
             ("classical_voter", "classical-1"),
             ("classical_voter", "classical-2"),
+            ("ws_voter", "ws-1"),
             ("arbiter", "arbiter-1"),
             ("arbiter", "arbiter-2"),
         ]

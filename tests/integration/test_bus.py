@@ -7,7 +7,6 @@ import uuid
 
 import pytest
 from faststream.kafka import TestKafkaBroker
-
 from flockwatch.common import topics
 from flockwatch.common.bus import Bus, create_bus
 from flockwatch.common.bus_faststream import FastStreamBus
@@ -28,8 +27,17 @@ def voter_and_sinks(bus: Bus, group: str) -> tuple[list[Vote], list[DeadLetter],
         batches.append(len(msgs))
         if any(m.text == "explode" for m in msgs):
             raise RuntimeError("this text breaks the handler")
-        return [Vote(message_id=Vote.id_for(m.text_id, "echo"), text_id=m.text_id, voter="echo",
-                     model_version="1", probabilities={"a": 1.0}, latency_ms=0.0) for m in msgs]
+        return [
+            Vote(
+                message_id=Vote.id_for(m.text_id, "echo"),
+                text_id=m.text_id,
+                voter="echo",
+                model_version="1",
+                probabilities={"a": 1.0},
+                latency_ms=0.0,
+            )
+            for m in msgs
+        ]
 
     @bus.subscribe(topics.VOTE_CAST, Vote, group=f"{group}-votes")
     async def keep_votes(msgs: list[Vote]) -> list[Event]:

@@ -7,7 +7,6 @@ import time
 import uuid
 
 import pytest
-
 from flockwatch.arbiter.join import JoinStore, MemoryJoinStore, RedisJoinStore
 from flockwatch.common.events import Vote
 
@@ -15,8 +14,14 @@ URL = "redis://127.0.0.1:6379/9"
 
 
 def vote(text_id: str, voter: str) -> Vote:
-    return Vote(message_id=Vote.id_for(text_id, voter), text_id=text_id, voter=voter, model_version="1",
-                probabilities={"a": 0.5, "b": 0.5}, latency_ms=0.0)
+    return Vote(
+        message_id=Vote.id_for(text_id, voter),
+        text_id=text_id,
+        voter=voter,
+        model_version="1",
+        probabilities={"a": 0.5, "b": 0.5},
+        latency_ms=0.0,
+    )
 
 
 @pytest.fixture
@@ -35,10 +40,13 @@ async def test_votes_split_across_two_arbiters_complete_exactly_once(two_arbiter
     await a.add_texts([(i, time.time()) for i in ids[:100]], 5.0)
     await b.add_texts([(i, time.time()) for i in ids[100:]], 5.0)
     # the three votes of each text arrive at whichever instance, concurrently
-    results = await asyncio.gather(*(
-        store.add_votes([vote(i, voter)], expected=3, deadline_s=5.0)
-        for i in ids for voter, store in zip(("x", "y", "z"), (a, b, a if hash(i) % 2 else b), strict=True)
-    ))
+    results = await asyncio.gather(
+        *(
+            store.add_votes([vote(i, voter)], expected=3, deadline_s=5.0)
+            for i in ids
+            for voter, store in zip(("x", "y", "z"), (a, b, a if hash(i) % 2 else b), strict=True)
+        )
+    )
     claimed = [r.text_id for batch in results for r in batch]
     assert sorted(claimed) == sorted(ids)
     assert all(len(r.votes) == 3 for batch in results for r in batch)
@@ -67,3 +75,23 @@ async def test_memory_join_decides_once_and_ignores_late_votes() -> None:
     assert [r.text_id for r in ready] == ["t"]
     assert await store.add_votes([vote("t", "z")], 2, 0.01) == []
     assert await store.pop_expired(time.time() + 1) == []
+
+
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+async def test_reopened_text_waits_for_the_escalated_vote_then_its_new_deadline(
+    backend: str, two_arbiters: tuple[JoinStore, JoinStore]
+) -> None:
+    store = MemoryJoinStore() if backend == "memory" else two_arbiters[0]
+    now = time.time()
+    await store.add_texts([("e", now, "is it spam?", {"language": "en"})], 5.0)
+    [first] = await store.add_votes([vote("e", "x"), vote("e", "y")], expected=2, deadline_s=5.0)
+    assert first.text == "is it spam?" and first.metadata == {"language": "en"} and not first.escalated
+    await store.reopen(first, expected=3, deadline_s=0.2)
+    assert await store.add_votes([vote("e", "x")], expected=2, deadline_s=5.0) == []  # a redelivery: still waits
+    [final] = await store.add_votes([vote("e", "llm")], expected=2, deadline_s=5.0)
+    assert final.escalated and sorted(v.voter for v in final.votes) == ["llm", "x", "y"]
+    assert final.text == "is it spam?" and final.submitted_at == pytest.approx(now)
+    await store.reopen(final, expected=4, deadline_s=0.05)  # nobody answers: the new deadline claims it once
+    assert await store.pop_expired(time.time()) == []
+    [late] = await store.pop_expired(time.time() + 1)
+    assert late.escalated and await store.pop_expired(time.time() + 2) == []

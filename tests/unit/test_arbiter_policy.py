@@ -1,4 +1,4 @@
-"""The arbiter's pure core: the log-linear pool, the decision paths, safety triggers and thresholds."""
+"""The arbiter's pure core: stacker, decision paths, conformal sets, risk control, cascade, safety triggers."""
 
 from __future__ import annotations
 
@@ -6,12 +6,15 @@ import json
 
 import numpy as np
 import pytest
-from flockwatch.arbiter.combiner import LogLinearPool, choose_abstain_threshold
-from flockwatch.arbiter.model import ArbiterPolicy, fit_policy
-from flockwatch.common.events import SafetyTrigger, Vote
+from flockwatch.arbiter.config import CascadeConfig, ConformalConfig, RiskConfig
+from flockwatch.arbiter.fit import fit_policy
+from flockwatch.arbiter.model import ArbiterPolicy, DecideItem, Escalation
+from flockwatch.arbiter.stacker import Stacker
+from flockwatch.common.events import Decision, SafetyTrigger, Vote
 
 CLASSES = ["clean", "spam", "toxic"]
 HARM = {"clean": 0.5, "spam": 1.0, "toxic": 3.0}
+CONFIG = ConformalConfig(alpha=0.1, mondrian=[], risk=RiskConfig(target=0.05, delta=0.1))
 
 
 def noisy_probs(y: np.ndarray, sharpness: float, rng: np.random.Generator, k: int = 3) -> np.ndarray:
@@ -21,21 +24,23 @@ def noisy_probs(y: np.ndarray, sharpness: float, rng: np.random.Generator, k: in
     return e / e.sum(axis=1, keepdims=True)
 
 
-def synthetic(n: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Two informative voters (one abstaining 30% of the time) and a pure-noise voter."""
+def synthetic(n: int, seed: int, llm: bool = False) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Two informative voters (one abstaining 30% of the time), a pure-noise voter, optionally a strong 'llm'."""
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 3, size=n)
     good, fair = noisy_probs(y, 2.0, rng), noisy_probs(y, 1.0, rng)
     fair[rng.random(n) < 0.3] = np.nan
-    noise = rng.dirichlet(np.ones(3), size=n)
-    return {"good": good, "fair": fair, "noise": noise}, y
+    votes = {"good": good, "fair": fair, "noise": rng.dirichlet(np.ones(3), size=n)}
+    if llm:
+        votes["llm"] = noisy_probs(y, 4.0, rng)
+    return votes, y
 
 
 @pytest.fixture(scope="module")
 def policy() -> ArbiterPolicy:
     train, y_train = synthetic(1500, seed=1)
-    cal, y_cal = synthetic(1000, seed=2)
-    return fit_policy(train, y_train, cal, y_cal, CLASSES, HARM, target_error=0.05, version="test-1")
+    cal, y_cal = synthetic(1500, seed=2)
+    return fit_policy(train, y_train, cal, y_cal, CLASSES, HARM, CONFIG, version="test-1")
 
 
 def vote(voter: str, probs: dict[str, float] | None, *safety: SafetyTrigger, text_id: str = "t1") -> Vote:
@@ -52,47 +57,54 @@ def vote(voter: str, probs: dict[str, float] | None, *safety: SafetyTrigger, tex
     )
 
 
-def test_pool_upweights_informative_voter_over_noise_voter() -> None:
-    votes, y = synthetic(1500, seed=3)
-    pool = LogLinearPool().fit(votes, y)
-    weights = dict(zip(pool.voters_, pool.weights_, strict=True))
-    assert weights["good"] > weights["fair"] > weights["noise"]
-    assert weights["noise"] < 0.2
+def decisions(policy: ArbiterPolicy, votes: dict[str, np.ndarray]) -> list[Decision]:
+    """Decide every row, as the service would (votes built from the arrays; NaN rows: abstained)."""
+    n = len(next(iter(votes.values())))
+    items = []
+    for i in range(n):
+        row = [
+            vote(v, None if np.isnan(p[i]).any() else dict(zip(CLASSES, p[i].tolist(), strict=True)), text_id=f"t{i}")
+            for v, p in votes.items()
+        ]
+        items.append(DecideItem(f"t{i}", row, f"text {i}", may_escalate=False))
+    return [d for d in policy.decide_many(items) if isinstance(d, Decision)]
 
 
-def test_pool_predicts_with_only_one_voter_present() -> None:
-    votes, y = synthetic(1500, seed=4)
-    pool = LogLinearPool().fit(votes, y)
-    test, y_test = synthetic(500, seed=5)
-    probs = pool.predict_proba({"good": test["good"]})
-    assert np.allclose(probs.sum(axis=1), 1.0)
-    assert (probs.argmax(axis=1) == y_test).mean() > 0.8
+def test_stacker_learns_to_trust_the_informative_voter_over_noise() -> None:
+    votes, y = synthetic(2000, seed=3)
+    stacker = Stacker().fit(votes, y, 3)
+    test, y_test = synthetic(2000, seed=4)
+    accuracy = {}
+    for subset in (["good", "fair", "noise"], ["good"], ["fair"], ["noise"]):
+        p = stacker.predict_proba({v: test[v] for v in subset})
+        accuracy["+".join(subset)] = float((p.argmax(axis=1) == y_test).mean())
+    assert accuracy["good+fair+noise"] > accuracy["good"] > accuracy["fair"] > accuracy["noise"]
+    assert accuracy["noise"] < 0.45  # noise alone is near chance: the stacker did not invent signal
 
 
-def test_pool_outputs_the_prior_when_no_voter_is_present() -> None:
-    votes, y = synthetic(600, seed=6)
-    pool = LogLinearPool().fit(votes, y)
-    empty = np.full((2, 3), np.nan)
-    probs = pool.predict_proba({"good": empty, "fair": empty, "noise": empty})
-    assert np.allclose(probs, pool.prior_)
+def test_stacker_outputs_a_prior_when_no_voter_is_present() -> None:
+    votes, y = synthetic(500, seed=5)
+    stacker = Stacker().fit(votes, y, 3)
+    p = stacker.predict_proba({"good": np.full((2, 3), np.nan)})
+    assert np.allclose(p.sum(axis=1), 1.0) and np.allclose(p[0], p[1])
+
+
+def test_stacker_json_roundtrip_is_exact() -> None:
+    votes, y = synthetic(500, seed=6)
+    stacker = Stacker().fit(votes, y, 3)
+    again = Stacker.from_dict(json.loads(json.dumps(stacker.to_dict())))
+    assert np.array_equal(stacker.predict_proba(votes), again.predict_proba(votes))
 
 
 def test_consensus_path_when_voters_agree_confidently(policy: ArbiterPolicy) -> None:
-    votes = [vote("good", {"clean": 0.95, "spam": 0.03, "toxic": 0.02}), vote("fair", {"clean": 0.91, "spam": 0.09})]
+    votes = [vote("good", {"clean": 0.97, "spam": 0.03}), vote("fair", {"clean": 0.93, "spam": 0.07})]
     decision = policy.decide(votes, "t1", latency_ms=5.0)
     assert decision.path == "consensus"
-    assert decision.prediction == "clean"
-    assert decision.confidence == pytest.approx(0.93)
-    assert decision.probabilities["spam"] == pytest.approx(0.06)
+    assert decision.confidence == pytest.approx(0.95)
 
 
-def test_combiner_path_when_one_voter_disagrees(policy: ArbiterPolicy) -> None:
-    votes = [vote("good", {"clean": 0.95, "spam": 0.05}), vote("fair", {"clean": 0.2, "spam": 0.8})]
-    assert policy.decide(votes, "t1", latency_ms=5.0).path == "combiner"
-
-
-def test_combiner_path_when_a_voter_agrees_without_confidence(policy: ArbiterPolicy) -> None:
-    votes = [vote("good", {"clean": 0.95, "spam": 0.05}), vote("fair", {"clean": 0.6, "spam": 0.4})]
+def test_stacker_path_when_one_voter_disagrees(policy: ArbiterPolicy) -> None:
+    votes = [vote("good", {"clean": 0.95, "spam": 0.05}), vote("fair", {"spam": 0.95, "clean": 0.05})]
     assert policy.decide(votes, "t1", latency_ms=5.0).path == "combiner"
 
 
@@ -103,39 +115,39 @@ def test_review_trigger_forces_abstention(policy: ArbiterPolicy) -> None:
     assert decision.abstain and decision.prediction is None
     assert decision.abstain_reason == "safety review: rule self-harm"
     assert decision.safety_applied == [review]
-    assert decision.probabilities and decision.prediction_set == ["clean"]
 
 
 def test_min_label_floor_raises_the_prediction(policy: ArbiterPolicy) -> None:
     floor = SafetyTrigger(rule_id="slur", min_label="spam")
-    votes = [vote("good", {"clean": 0.97, "spam": 0.01, "toxic": 0.02}), vote("regex", None, floor)]
+    votes = [vote("good", {"clean": 0.998, "spam": 0.001, "toxic": 0.001}), vote("regex", None, floor)]
     decision = policy.decide(votes, "t1", latency_ms=5.0)
-    assert not decision.abstain
-    assert decision.prediction == "toxic"  # the most probable class at least as harmful as "spam"
+    assert not decision.abstain, decision.abstain_reason
+    assert decision.prediction in ("spam", "toxic")  # the most probable class at least as harmful as "spam"
     assert decision.safety_applied == [floor]
-
-
-def test_min_label_floor_already_met_changes_nothing(policy: ArbiterPolicy) -> None:
-    floor = SafetyTrigger(rule_id="ad", min_label="spam")
-    votes = [vote("good", {"clean": 0.01, "spam": 0.98, "toxic": 0.01}), vote("regex", None, floor)]
-    decision = policy.decide(votes, "t1", latency_ms=5.0)
-    assert decision.prediction == "spam" and decision.safety_applied == []
 
 
 def test_no_votes_abstains_with_path_no_votes(policy: ArbiterPolicy) -> None:
     decision = policy.decide([vote("regex", None)], "t1", latency_ms=5.0)
     assert decision.abstain and decision.path == "no_votes"
-    assert decision.abstain_reason is not None
-    assert decision.abstain_reason.startswith("no voter gave an opinion")
-    assert "regex abstained (no match)" in decision.abstain_reason
+    assert decision.abstain_reason is not None and "regex abstained (no match)" in decision.abstain_reason
     assert decision.prediction_set == CLASSES
     assert decision.missing_voters == ["good", "fair", "noise"]
 
 
-def test_low_confidence_abstains_with_its_reason(policy: ArbiterPolicy) -> None:
+def test_unsure_text_abstains_because_its_set_is_not_a_single_class(policy: ArbiterPolicy) -> None:
+    votes = [
+        vote("good", {"clean": 0.45, "spam": 0.45, "toxic": 0.1}),
+        vote("fair", {"clean": 0.45, "spam": 0.45, "toxic": 0.1}),
+    ]
+    decision = policy.decide(votes, "t1", 5.0)
+    assert decision.abstain and decision.prediction_set == ["clean", "spam"]
+    assert decision.abstain_reason == f"prediction set {decision.prediction_set} at 90% is not a single class"
+
+
+def test_text_no_class_fits_abstains_with_an_empty_set(policy: ArbiterPolicy) -> None:
     decision = policy.decide([vote("fair", {"clean": 0.4, "spam": 0.35, "toxic": 0.25})], "t1", 5.0)
-    assert decision.abstain and decision.prediction is None
-    assert decision.abstain_reason == f"confidence {decision.confidence:.2f} < threshold {policy.abstain_below:.2f}"
+    assert decision.abstain and decision.prediction_set == []
+    assert decision.abstain_reason == "empty prediction set at 90%: no class is plausible"
 
 
 def test_vote_with_unknown_class_is_treated_as_abstaining(policy: ArbiterPolicy) -> None:
@@ -150,69 +162,124 @@ def test_decision_records_votes_missing_voters_and_thresholds(policy: ArbiterPol
     assert decision.message_id == "decision:t1" and decision.arbiter_version == "test-1"
     assert decision.votes == votes[:1]
     assert decision.missing_voters == ["fair", "noise"]
-    assert decision.thresholds == {"consensus_min_prob": 0.9, "abstain_below": policy.abstain_below, "set_level": 0.9}
+    assert decision.thresholds["answer_at"] == policy.answer_at and decision.thresholds["alpha"] == 0.1
 
 
-def test_prediction_set_is_the_smallest_top_set_reaching_the_level(policy: ArbiterPolicy) -> None:
-    votes = [vote("good", {"clean": 0.5, "spam": 0.3, "toxic": 0.2}), vote("fair", {"clean": 0.6, "spam": 0.4})]
-    decision = policy.decide(votes, "t1", latency_ms=5.0)
-    ranked = sorted(decision.probabilities, key=decision.probabilities.__getitem__, reverse=True)
-    mass = np.cumsum([decision.probabilities[c] for c in ranked])
-    size = len(decision.prediction_set)
-    assert decision.prediction_set == ranked[:size]
-    assert mass[size - 1] >= 0.9 and (size == 1 or mass[size - 2] < 0.9)
+def test_any_subset_of_missing_voters_gives_a_decision_or_an_abstention(policy: ArbiterPolicy) -> None:
+    votes, _ = synthetic(60, seed=7)
+    for subset in (["good"], ["fair"], ["noise"], ["good", "noise"], []):
+        decided = decisions(policy, {v: votes[v] for v in subset} or {"good": np.full((60, 3), np.nan)})
+        assert len(decided) == 60
+        assert all(d.abstain == (d.prediction is None) for d in decided)
+        assert all(d.abstain_reason for d in decided if d.abstain)
 
 
-def test_threshold_chooser_meets_the_target_on_synthetic_data() -> None:
-    rng = np.random.default_rng(7)
-    confidence = rng.uniform(0.3, 1.0, size=5000)
-    correct = rng.random(5000) < confidence  # calibrated: P(correct) = confidence
-    choice = choose_abstain_threshold(confidence, correct, target_error=0.05)
-    assert choice.met and choice.error <= 0.05
-    assert 0.8 < choice.threshold < 0.95
-    assert choice.coverage == pytest.approx((confidence >= choice.threshold).mean())
+def test_prediction_sets_cover_held_out_texts_at_one_minus_alpha(policy: ArbiterPolicy) -> None:
+    votes, y = synthetic(4000, seed=8)
+    decided = decisions(policy, votes)
+    covered = np.mean([CLASSES[t] in d.prediction_set for d, t in zip(decided, y, strict=True)])
+    # split conformal: E[coverage] ∈ [1 − α, 1 − α + 1/(n_cal + 1)]; 3 binomial standard errors of slack
+    tolerance = 3 * np.sqrt(0.1 * 0.9 / len(y))
+    assert 0.9 - tolerance <= covered <= 0.9 + 1 / 1501 + tolerance
 
 
-def test_threshold_chooser_reports_an_unmet_target() -> None:
-    choice = choose_abstain_threshold(np.array([0.9, 0.8, 0.7]), np.array([False, True, True]), target_error=0.1)
-    assert not choice.met
-    assert choice.threshold == 0.7 and choice.error == pytest.approx(1 / 3)
+def test_coverage_guarantee_holds_on_average_over_calibration_draws() -> None:
+    from flockwatch.arbiter.conformal import MondrianSets
+
+    train, y_train = synthetic(600, seed=9)
+    stacker = Stacker().fit(train, y_train, 3)
+    test, y_test = synthetic(3000, seed=10)
+    p_test = stacker.predict_proba(test)
+    coverages = []
+    for seed in range(40):
+        cal, y_cal = synthetic(200, seed=100 + seed)
+        sets = MondrianSets.fit(stacker.predict_proba(cal), y_cal, [[]] * 200, [], CLASSES, alpha=0.1, by=())
+        covered = sets.predict_sets(p_test, [[]] * len(y_test))[np.arange(len(y_test)), y_test]
+        coverages.append(covered.mean())
+    # E[coverage] ∈ [0.9, 0.9 + 1/201]; the mean of 40 draws of 200 has a standard error of about 0.003
+    assert 0.9 - 0.01 <= np.mean(coverages) <= 0.9 + 1 / 201 + 0.01
 
 
-def test_fit_policy_records_what_calibration_achieved(policy: ArbiterPolicy) -> None:
-    report = policy.calibration_report
-    assert report["met"] and report["error"] <= 0.05
-    assert report["threshold"] == policy.abstain_below
-    assert 0.5 < report["coverage"] < 1.0
+def test_risk_controlled_threshold_meets_the_error_target_on_held_out_texts(policy: ArbiterPolicy) -> None:
+    report = policy.calibration_report["risk"]
+    assert report["certified"] and report["risk"] <= 0.05 and report["coverage"] > 0.3
+    votes, y = synthetic(4000, seed=11)
+    decided = decisions(policy, votes)
+    answered = [(d.prediction, CLASSES[t]) for d, t in zip(decided, y, strict=True) if not d.abstain]
+    loss = {(a, b): 0.0 if a == b else max(HARM[a], HARM[b]) / 3.0 for a in CLASSES for b in CLASSES}
+    assert np.mean([loss[pair] for pair in answered]) <= 0.05
+    assert len(answered) / len(y) == pytest.approx(report["coverage"], abs=0.05)
 
 
-def test_decide_makes_the_decisions_that_calibration_scored(policy: ArbiterPolicy) -> None:
-    cal, _ = synthetic(200, seed=9)
-    cal["good"][:100] = np.where(np.arange(3) == 0, 0.95, 0.025)  # consensus rows where "fair" agrees
-    cal["fair"][:50] = np.where(np.arange(3) == 0, 0.92, 0.04)
-    cal["noise"][:50] = np.nan
-    cal["noise"][150:] = np.nan
-    cal["fair"][150:] = np.nan
-    cal["good"][175:] = np.nan
-    batch = policy.combine_arrays(cal)
-    for i in range(200):
-        votes = [vote(v, dict(zip(CLASSES, p[i], strict=True))) for v, p in cal.items() if not np.isnan(p[i]).any()]
-        decision = policy.decide(votes, "t1", latency_ms=1.0)
-        assert decision.path == ("no_votes", "consensus", "combiner")[batch.path[i]]
-        if decision.path == "no_votes":
-            assert decision.abstain
-            continue
-        assert decision.confidence == pytest.approx(batch.probabilities[i].max(), abs=1e-12)
-        assert decision.abstain == (batch.probabilities[i].max() < policy.abstain_below)
-    assert (batch.path[:50] == 1).all() and (batch.path[175:] == 0).all()
+def test_unreachable_target_abstains_on_everything_and_says_so() -> None:
+    train, y_train = synthetic(600, seed=12)
+    cal, y_cal = synthetic(300, seed=13)
+    strict = CONFIG.model_copy(update={"risk": RiskConfig(target=0.001, delta=0.01)})
+    policy = fit_policy(train, y_train, cal, y_cal, CLASSES, HARM, strict)
+    assert not policy.calibration_report["risk"]["certified"]
+    decided = decisions(policy, synthetic(50, seed=14)[0])
+    assert all(d.abstain for d in decided)
 
 
-def test_json_roundtrip_gives_identical_decisions(policy: ArbiterPolicy) -> None:
-    restored = ArbiterPolicy.from_dict(json.loads(json.dumps(policy.to_dict(), allow_nan=False)))
-    rng = np.random.default_rng(8)
-    for i in range(50):
-        p, q = rng.dirichlet(np.ones(3)), rng.dirichlet(np.full(3, 0.3))
-        votes = [vote("good", dict(zip(CLASSES, p, strict=True))), vote("fair", dict(zip(CLASSES, q, strict=True)))]
-        a = policy.decide(votes, f"t{i}", latency_ms=1.0).model_dump(exclude={"timestamp"})
-        b = restored.decide(votes, f"t{i}", latency_ms=1.0).model_dump(exclude={"timestamp"})
-        assert a == b
+def test_mondrian_groups_below_the_minimum_fall_back_to_the_pooled_calibrator() -> None:
+    from flockwatch.arbiter.conformal import MondrianSets
+
+    rng = np.random.default_rng(15)
+    y = rng.integers(0, 3, size=600)
+    p = noisy_probs(y, 2.0, rng)
+    groups = [["small"] if i < 50 else (["big"] if i < 400 else []) for i in range(600)]
+    sets = MondrianSets.fit(p, y, groups, ["small", "big"], CLASSES, alpha=0.01, by=("slice",), min_points=99)
+    assert sets.route[("small", "*")] == ("*", "*") and sets.route[("big", "*")] == ("big", "*")
+    assert "small|*" in sets.report["fallbacks"] and "big|*" not in sets.report["fallbacks"]
+    by_class = MondrianSets.fit(p, y, groups, [], CLASSES, alpha=0.1, by=("class",), min_points=9)
+    assert all(by_class.route[("*", c)] == ("*", c) for c in CLASSES)
+
+
+def test_cascade_escalates_within_budget_and_the_llm_fixes_what_it_is_asked() -> None:
+    train, y_train = synthetic(2000, seed=16, llm=True)
+    cal, y_cal = synthetic(2000, seed=17, llm=True)
+    config = CONFIG.model_copy(update={"cascade": CascadeConfig(voters=["llm"], budget=0.2)})
+    policy = fit_policy(train, y_train, cal, y_cal, CLASSES, HARM, config)
+    assert policy.cascade_voters == ["llm"] and policy.first_stage_voters == ["good", "fair", "noise"]
+    risk = policy.calibration_report["risk"]
+    assert risk["certified"] and 0 < risk["call_rate"] <= 0.2
+    test, y_test = synthetic(3000, seed=18, llm=True)
+    cheap = {v: p for v, p in test.items() if v != "llm"}
+    first = decisions_or_escalations(policy, cheap)
+    asked = np.array([isinstance(o, Escalation) for o in first])
+    assert 0 < asked.mean() <= 0.2
+    final = decisions(policy, {**cheap, "llm": np.where(asked[:, None], test["llm"], np.nan)})
+    answered = np.array([not d.abstain for d in final])
+    wrong = np.array([d.prediction != CLASSES[t] for d, t in zip(final, y_test, strict=True)])
+    assert wrong[answered].mean() <= 0.05
+    no_cascade = fit_policy(
+        train, y_train, cal, y_cal, CLASSES, HARM, CONFIG.model_copy(update={"cascade": CascadeConfig(voters=[])})
+    )
+    assert answered.mean() > np.mean([not d.abstain for d in decisions(no_cascade, cheap)])
+
+
+def decisions_or_escalations(policy: ArbiterPolicy, votes: dict[str, np.ndarray]) -> list[Decision | Escalation]:
+    n = len(next(iter(votes.values())))
+    items = [
+        DecideItem(
+            f"t{i}",
+            [
+                vote(v, dict(zip(CLASSES, p[i].tolist(), strict=True)), text_id=f"t{i}")
+                for v, p in votes.items()
+                if not np.isnan(p[i]).any()
+            ],
+            f"text {i}",
+        )
+        for i in range(n)
+    ]
+    return policy.decide_many(items)
+
+
+def test_serialized_policy_gives_identical_decisions(policy: ArbiterPolicy) -> None:
+    again = ArbiterPolicy.from_dict(json.loads(json.dumps(policy.to_dict())), policy.sets, policy.slices)
+    votes, _ = synthetic(200, seed=19)
+
+    def key(d: Decision) -> tuple[object, ...]:
+        return d.prediction, d.confidence, d.prediction_set, d.abstain_reason, d.path, d.thresholds
+
+    assert [key(d) for d in decisions(policy, votes)] == [key(d) for d in decisions(again, votes)]
