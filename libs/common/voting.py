@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 from flockwatch.common.events import SafetyTrigger, TextSubmitted, Vote
+from numpy.typing import NDArray
 
 
 @dataclass(frozen=True)
@@ -36,3 +39,12 @@ def to_vote(msg: TextSubmitted, voter: str, version: str, opinion: Opinion, late
         evidence=list(opinion.evidence),
         latency_ms=latency_ms,
     )
+
+
+def opinions_matrix(opinions: Sequence[Opinion | None], classes: Sequence[str]) -> NDArray[np.float64]:
+    """(n, k) probabilities in `classes` order; NaN rows where the voter abstained or was not asked (None)."""
+    out = np.full((len(opinions), len(classes)), np.nan)
+    for i, op in enumerate(opinions):
+        if op is not None and op.probabilities is not None:
+            out[i] = [op.probabilities.get(c, 0.0) for c in classes]
+    return out

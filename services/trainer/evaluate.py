@@ -26,7 +26,7 @@ from flockwatch.common.events import Decision, TextSubmitted
 from flockwatch.common.labels import LabelConfig
 from flockwatch.common.service import VoterCore
 from flockwatch.common.slices import SliceConfig
-from flockwatch.common.voting import Opinion, to_vote
+from flockwatch.common.voting import Opinion, opinions_matrix, to_vote
 from flockwatch.regex_voter.app import load_core as load_regex
 from flockwatch.trainer.report import EvalInputs, compute_metrics, write_report
 from sklearn.metrics import accuracy_score, f1_score
@@ -46,15 +46,6 @@ def _optional_loaders() -> list[Callable[[Path], VoterCore | None]]:
     from flockwatch.ws_voter.app import load_core as load_ws
 
     return [load_ws, load_llm]
-
-
-def opinions_matrix(opinions: Sequence[Opinion | None], classes: list[str]) -> np.ndarray:
-    """Rows of class probabilities; NaN rows where the voter abstained or was not asked (None)."""
-    out = np.full((len(opinions), len(classes)), np.nan)
-    for i, op in enumerate(opinions):
-        if op is not None and op.probabilities is not None:
-            out[i] = [op.probabilities.get(c, 0.0) for c in classes]
-    return out
 
 
 @dataclass

@@ -25,9 +25,10 @@ from flockwatch.common.artifacts import Manifest, new_version, publish_dir, writ
 from flockwatch.common.datasets import Dataset, split
 from flockwatch.common.labels import LabelConfig
 from flockwatch.common.slices import SliceConfig
+from flockwatch.common.voting import opinions_matrix
 from flockwatch.regex_voter.model import RuleEngine
 from flockwatch.regex_voter.rules import load_rules
-from flockwatch.trainer.evaluate import evaluate, opinions_matrix
+from flockwatch.trainer.evaluate import evaluate
 from flockwatch.ws_voter.app import save as save_ws
 from flockwatch.ws_voter.lfs import load_lfs
 from flockwatch.ws_voter.model import WSModel

@@ -11,10 +11,11 @@ import typer
 from flockwatch.common.artifacts import ArtifactError
 from flockwatch.common.datasets import DataError, deduplicate
 from flockwatch.common.labels import LabelConfig
+from flockwatch.common.voting import opinions_matrix
 from flockwatch.common.yamlconfig import ConfigError
 from flockwatch.ws_voter.app import VOTER_LOADERS, load_core
 from flockwatch.ws_voter.lfs import LFSet, load_lfs
-from flockwatch.ws_voter.model import LABEL_MODEL, MAJORITY, WSModel, lf_summary, opinions_to_matrix
+from flockwatch.ws_voter.model import LABEL_MODEL, MAJORITY, WSModel, lf_summary
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -104,7 +105,7 @@ def _voter_outputs(
     for load in VOTER_LOADERS:
         core = load(models)
         if core is not None and set(core.voters) & set(needed):
-            out.update({v: opinions_to_matrix(ops, classes) for v, ops in core.predict(texts).items() if v in needed})
+            out.update({v: opinions_matrix(ops, classes) for v, ops in core.predict(texts).items() if v in needed})
     missing = sorted(set(needed) - set(out))
     if missing:
         raise ArtifactError(f"{models}: no voter(s) {missing} in the bundle")

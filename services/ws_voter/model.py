@@ -11,7 +11,7 @@ import numpy as np
 from flockwatch.common.labels import LabelConfig
 from flockwatch.common.metrics import classification_report
 from flockwatch.common.service import VoterCore
-from flockwatch.common.voting import Opinion
+from flockwatch.common.voting import Opinion, opinions_matrix
 from flockwatch.ws_voter.lfs import LFSet
 from numpy.typing import NDArray
 
@@ -29,15 +29,6 @@ Outputs = Mapping[str, NDArray[np.floating[Any]]]
 
 class MissingVoterOutputs(ValueError):
     """A voter LF needs the outputs of a voter that were not given (or have the wrong shape)."""
-
-
-def opinions_to_matrix(opinions: Sequence[Opinion], classes: Sequence[str]) -> NDArray[np.float64]:
-    """(n, k) probabilities in `classes` order; NaN rows where the voter abstained."""
-    out = np.full((len(opinions), len(classes)), np.nan)
-    for i, op in enumerate(opinions):
-        if op.probabilities is not None:
-            out[i] = [op.probabilities.get(c, 0.0) for c in classes]
-    return out
 
 
 def agreement_accuracy(L: NDArray[np.int64], k: int) -> float:
@@ -198,7 +189,7 @@ class WSModel(VoterCore):
             if set(core.voters) & set(needed):
                 for voter, column in core.predict(texts).items():
                     if voter in needed:
-                        out[voter] = opinions_to_matrix(column, self.classes)
+                        out[voter] = opinions_matrix(column, self.classes)
         return out
 
     def __getstate__(self) -> dict[str, Any]:

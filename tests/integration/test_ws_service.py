@@ -14,11 +14,12 @@ from flockwatch.common.bus import create_bus
 from flockwatch.common.events import Event, TextSubmitted, Vote
 from flockwatch.common.labels import LabelConfig
 from flockwatch.common.settings import CommonSettings
+from flockwatch.common.voting import opinions_matrix
 from flockwatch.regex_voter.model import RuleEngine
 from flockwatch.regex_voter.rules import load_rules
 from flockwatch.ws_voter.app import WSVoterService, save
 from flockwatch.ws_voter.lfs import load_lfs
-from flockwatch.ws_voter.model import WSModel, opinions_to_matrix
+from flockwatch.ws_voter.model import WSModel
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "sms"
 TEXTS = {
@@ -43,7 +44,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
         *(f"Claim your FREE prize {i}: txt WIN to 8{i:04d}" for i in range(20)),
         *(f"see you at home later {i} :)" for i in range(20)),
     ]
-    regex = opinions_to_matrix(engine.predict(texts), labels.names)
+    regex = opinions_matrix(engine.predict(texts), labels.names)
     lfs = load_lfs(labels, directory / "rules.yaml", directory / "lfs.yaml")
     save(WSModel.fit(texts, labels, lfs, {"regex": regex}), directory)
     (directory / "lfs.yaml").unlink()
