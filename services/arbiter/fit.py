@@ -14,9 +14,10 @@ import numpy as np
 from flockwatch.arbiter.combiner import CONSENSUS, NO_VOTES, Combined, combine
 from flockwatch.arbiter.config import ConformalConfig
 from flockwatch.arbiter.conformal import MondrianSets
-from flockwatch.arbiter.model import CHEAP, FULL, ArbiterPolicy
+from flockwatch.arbiter.model import CHEAP, FULL, ArbiterPolicy, memberships
 from flockwatch.arbiter.risk import Stage, choose_thresholds, harm_loss
 from flockwatch.arbiter.stacker import Array, Stacker, stack_votes
+from flockwatch.common.metrics import has_opinion
 from flockwatch.common.slices import SliceConfig
 from numpy.typing import NDArray
 
@@ -45,16 +46,17 @@ def fit_policy(
     cheap_votes = {v: p for v, p in cal.items() if v not in cascade}
     cheap = _combined(fitted, cheap_votes, config)
     texts = list(cal_texts) if cal_texts is not None else [None] * len(y_cal)
-    groups = _memberships(slices, texts)
+    groups = memberships(slices, texts)
     names = [s.name for s in slices.slices] if slices else []
     fit_sets = _set_fitter(y_cal, groups, names, classes, config)
     sets = {CHEAP: fit_sets(cheap, np.ones(len(y_cal), dtype=bool))}
-    full_stage, full = None, None
+    full_stage = None
     if cascade:
         full = _combined(fitted, cal, config)
         sets[FULL] = fit_sets(full, _any_present(cal, cascade))
-        full_stage = _stage(full, sets[FULL], groups)
-    cheap_stage = _stage(cheap, sets[CHEAP], groups)
+        full_stage = Stage.from_sets(full.probabilities, _set_matrix(full, sets[FULL], groups))
+    cheap_sets = _set_matrix(cheap, sets[CHEAP], groups)
+    cheap_stage = Stage.from_sets(cheap.probabilities, cheap_sets)
     loss = harm_loss(classes, harm, config.risk.harm_weighted)
     choice = choose_thresholds(
         cheap_stage,
@@ -84,7 +86,7 @@ def fit_policy(
         "n": len(y_cal),
         "risk": choice.to_dict(),
         "conformal": {stage: s.report for stage, s in sets.items()},
-        "set_coverage": _coverage(cheap_stage, sets[CHEAP], groups, cheap, y_cal),
+        "set_coverage": _coverage(cheap_stage, cheap_sets, cheap, y_cal),
         "consensus_rate": float((cheap.path == CONSENSUS).mean()) if len(y_cal) else 0.0,
         "stacker_voters": list(fitted.voters_),
         "cascade_voters": list(cascade),
@@ -101,14 +103,8 @@ def _any_present(votes: Mapping[str, Array], voters: Sequence[str]) -> NDArray[n
     out = np.zeros(n, dtype=bool)
     for v in voters:
         if v in votes:
-            out |= ~np.isnan(votes[v]).any(axis=1)
+            out |= has_opinion(votes[v])
     return out
-
-
-def _memberships(slices: SliceConfig | None, texts: Sequence[str | None]) -> list[list[str] | None]:
-    if slices is None:
-        return [[] for _ in texts]
-    return [None if t is None else [s.name for s in slices.slices if s.contains(t)] for t in texts]
 
 
 def _set_fitter(
@@ -132,22 +128,21 @@ def _set_fitter(
     return fit
 
 
-def _stage(combined: Combined, sets: MondrianSets, groups: list[list[str] | None]) -> Stage:
+def _set_matrix(combined: Combined, sets: MondrianSets, groups: list[list[str] | None]) -> NDArray[np.bool_]:
+    """(n, k) conformal sets of the calibration texts (empty rows where no voter voted)."""
     p = combined.probabilities
     voted = combined.path != NO_VOTES
     s = np.zeros(p.shape, dtype=bool)
     if voted.any():
         s[voted] = sets.predict_sets(p[voted], [groups[i] for i in np.flatnonzero(voted)])
-    return Stage.from_sets(p, s)
+    return s
 
 
-def _coverage(
-    stage: Stage, sets: MondrianSets, groups: list[list[str] | None], combined: Combined, y: Labels
-) -> dict[str, float]:
+def _coverage(stage: Stage, matrix: NDArray[np.bool_], combined: Combined, y: Labels) -> dict[str, float]:
     voted = combined.path != NO_VOTES
     if not voted.any():
         return {"coverage": 0.0, "singleton_rate": 0.0}
-    s = sets.predict_sets(combined.probabilities[voted], [groups[i] for i in np.flatnonzero(voted)])
+    s = matrix[voted]
     return {
         "coverage": float(s[np.arange(len(s)), y[voted]].mean()),
         "mean_size": float(s.sum(axis=1).mean()),

@@ -35,6 +35,19 @@ def harm_weights(labels: LabelConfig) -> dict[str, float]:
     return {spec.name: spec.harm for spec in labels.labels}
 
 
+def memberships(
+    slices: SliceConfig | None, texts: Sequence[str | None], metadata: Sequence[Mapping[str, str]] | None = None
+) -> list[list[str] | None]:
+    """Slice names of each text (None when the text is unknown: the pooled calibrator serves it)."""
+    if slices is None:
+        return [[] for _ in texts]
+    meta = metadata if metadata is not None else [{}] * len(texts)
+    return [
+        None if t is None else [s.name for s in slices.slices if s.contains(t, dict(m))]
+        for t, m in zip(texts, meta, strict=True)
+    ]
+
+
 @dataclass
 class DecideItem:
     """One text ready for decision: its votes, and what the arbiter knows about it."""
@@ -113,15 +126,6 @@ class ArbiterPolicy:
         probs, present = stack_votes(self.stacker.voters_, voter_probs)
         return combine(self.stacker, probs, present, self.config.consensus_min_prob if consensus else None)
 
-    def memberships(self, texts: Sequence[str | None], metadata: Sequence[Mapping[str, str]]) -> list[list[str] | None]:
-        """Slice names of each text (None when the text is unknown: the pooled calibrator serves it)."""
-        if self.slices is None:
-            return [[] for _ in texts]
-        return [
-            None if t is None else [s.name for s in self.slices.slices if s.contains(t, dict(m))]
-            for t, m in zip(texts, metadata, strict=True)
-        ]
-
     def decide(self, votes: Sequence[Vote], text_id: str, latency_ms: float = 0.0, text: str | None = None) -> Decision:
         """One text's final decision (never an escalation)."""
         outcome = self.decide_many([DecideItem(text_id, votes, text, latency_ms=latency_ms, may_escalate=False)])[0]
@@ -145,7 +149,7 @@ class ArbiterPolicy:
         combined = combine(self.stacker, probs, present, self.config.consensus_min_prob)
         cascade_cols = [self._slot[v] for v in self._cascade]
         full = present[:, cascade_cols].any(axis=1) if cascade_cols else np.zeros(n, dtype=bool)
-        groups = self.memberships([it.text for it in items], [it.metadata for it in items])
+        groups = memberships(self.slices, [it.text for it in items], [it.metadata for it in items])
         p = np.nan_to_num(combined.probabilities)
         sets = np.ones((n, k), dtype=bool)
         for stage, rows in ((CHEAP, ~full), (FULL, full)):

@@ -95,7 +95,7 @@ def choose_thresholds(
     binary = bool(np.isin(loss, (0.0, 1.0)).all())
     cascade = full is not None and budget is not None
     level = delta / (n_tau if cascade else 1)  # Bonferroni over the τ chains
-    chain = _Chain(cheap, y, loss, target, level, binary, grid, budget, starts)
+    chain = _Chain(y, loss, target, level, binary, grid, budget, starts)
     best = chain.run(cheap, np.zeros(len(y), dtype=bool), NEVER, NEVER)
     if cascade:
         assert full is not None and budget is not None
@@ -113,7 +113,6 @@ def choose_thresholds(
 class _Chain:
     """One fixed-sequence test along λ for a given way of deciding (with or without escalations)."""
 
-    cheap: Stage
     y: NDArray[np.int64]
     loss: Array
     target: float

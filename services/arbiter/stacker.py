@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any, Self
 
 import numpy as np
+from flockwatch.common.metrics import has_opinion
 from numpy.typing import NDArray
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import NotFittedError
@@ -25,11 +26,6 @@ FORMAT = "flockwatch.arbiter.stacker/1"
 
 class StackerFormatError(ValueError):
     """A serialized stacker cannot be read."""
-
-
-def has_opinion(probs: Array) -> Mask:
-    """Rows with an opinion (no NaN)."""
-    return np.asarray(~np.isnan(probs).any(axis=1))
 
 
 def stack_votes(voters: list[str], voter_probs: Mapping[str, Array]) -> tuple[Array, Mask]:

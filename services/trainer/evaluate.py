@@ -156,7 +156,7 @@ def _mean_of_voters(voters: dict[str, np.ndarray]) -> np.ndarray:
     """The naive ensemble the stacker replaces: the mean of the voters that gave an opinion."""
     stack = np.stack(list(voters.values()))
     with np.errstate(invalid="ignore"):
-        mean = np.nanmean(np.where(np.isnan(stack), np.nan, stack), axis=0)
+        mean = np.nanmean(stack, axis=0)
     return mean / np.nansum(mean, axis=1, keepdims=True)
 
 
