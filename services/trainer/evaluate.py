@@ -66,10 +66,12 @@ def _predict(cores: Sequence[VoterCore], texts: Sequence[str], batch: int) -> di
     return out
 
 
-def decide_all(model_dir: Path, texts: list[str], mode: Mode = "cascade", batch: int = 256) -> Run:
+def decide_all(
+    model_dir: Path, texts: list[str], mode: Mode = "cascade", batch: int = 256, policy: ArbiterPolicy | None = None
+) -> Run:
     """Decide every text as the running system would; `always`/`never` ask the cascade voters for all/none."""
     cores = load_cores(model_dir)
-    policy = load_policy(model_dir)
+    policy = policy if policy is not None else load_policy(model_dir)
     expensive = set(policy.cascade_voters)
     cheap = [c for c in cores if not set(c.voters) & expensive]
     costly = [c for c in cores if set(c.voters) & expensive]
@@ -114,15 +116,21 @@ def _items(
     return items
 
 
-def collect(model_dir: Path, data: Dataset, mode: Mode = "cascade", slices: Path | None = None) -> EvalInputs:
+def collect(
+    model_dir: Path,
+    data: Dataset,
+    mode: Mode = "cascade",
+    slices: Path | None = None,
+    policy: ArbiterPolicy | None = None,
+) -> EvalInputs:
     """Run the bundle on `data` and gather what the report needs."""
     labels = LabelConfig.load(verified_file(model_dir, "labels.yaml"))
     classes = labels.names
     unknown = sorted(set(data.labels) - set(classes))
     if unknown:
         raise ValueError(f"the data has labels the model does not know: {unknown}")
-    run = decide_all(model_dir, data.texts, mode)
-    policy = load_policy(model_dir)
+    policy = policy if policy is not None else load_policy(model_dir)
+    run = decide_all(model_dir, data.texts, mode, policy=policy)
     voters = {v: opinions_matrix(col, classes) for v, col in run.opinions.items()}
     ens = np.array([[d.probabilities.get(c, np.nan) for c in classes] for d in run.decisions])
     slice_config = _slice_config(model_dir, slices)
@@ -160,9 +168,8 @@ def _mean_of_voters(voters: dict[str, np.ndarray]) -> np.ndarray:
     return mean / np.nansum(mean, axis=1, keepdims=True)
 
 
-def stacker_analysis(model_dir: Path, inputs: EvalInputs) -> dict[str, Any]:
+def stacker_analysis(policy: ArbiterPolicy, inputs: EvalInputs) -> dict[str, Any]:
     """Macro-F1 and accuracy of the forced answer for every subset of voters, and the consensus path's cost."""
-    policy = load_policy(model_dir)
     y = np.array([inputs.classes.index(c) for c in inputs.y_true])
     voters = [v for v in policy.stacker.voters_ if v in inputs.voters]
     subsets: dict[str, Any] = {}
@@ -204,10 +211,11 @@ def evaluate(
 ) -> dict[str, Any]:
     """metrics.json content (and, with `out`, the report and its plots)."""
     progress("voters and arbiter on every text")
-    inputs = collect(model_dir, data, mode, slices)
+    policy = load_policy(model_dir)
+    inputs = collect(model_dir, data, mode, slices, policy)
     metrics = write_report(inputs, out, progress) if out is not None else compute_metrics(inputs)
     progress("stacker per voter subset; consensus cost")
-    metrics["stacker"] = stacker_analysis(model_dir, inputs)
+    metrics["stacker"] = stacker_analysis(policy, inputs)
     metrics["mode"] = mode
     if out is not None:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")

@@ -11,7 +11,7 @@ import json
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,9 +73,8 @@ def train(config: TrainConfig, progress: Progress = lambda _: None) -> Path:
     y_cal = np.array([classes.index(y) for y in cal_set.labels])
 
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=_ensure(config.out)))
-    oof: dict[str, np.ndarray] = {}
-    cal: dict[str, np.ndarray] = {}
-    components: dict[str, str] = {}
+    fitted = _Fitted(train_set, cal_set, staging)
+    oof, cal, components = fitted.oof, fitted.cal, fitted.components
     shutil.copyfile(config.labels, staging / "labels.yaml") if config.labels else _dump_labels(labels, staging)
     slices = SliceConfig.load(config.slices) if config.slices else None
     if config.slices:
@@ -99,8 +98,8 @@ def train(config: TrainConfig, progress: Progress = lambda _: None) -> Path:
     )
     cal.update(_reorder(model.predict_proba_all(cal_set.texts), model, classes))
     joblib.dump(model, staging / "classical.joblib")
-    ws_report = _weak_supervision(config, labels, train_set, cal_set, oof, cal, staging, components, progress)
-    llm_report = _llm(config, labels, train_set, cal_set, oof, cal, staging, components, progress)
+    ws_report = _weak_supervision(config, labels, fitted, progress)
+    llm_report = _llm(config, labels, fitted, progress)
 
     progress("arbiter: stacker on out-of-fold outputs; conformal sets and thresholds on calibration")
     version = new_version(config.data.sha256())
@@ -147,17 +146,19 @@ def train(config: TrainConfig, progress: Progress = lambda _: None) -> Path:
     return publish_dir(staging, config.out, version)
 
 
-def _weak_supervision(
-    config: TrainConfig,
-    labels: LabelConfig,
-    train_set: Dataset,
-    cal_set: Dataset,
-    oof: dict[str, np.ndarray],
-    cal: dict[str, np.ndarray],
-    staging: Path,
-    components: dict[str, str],
-    progress: Progress,
-) -> dict[str, Any]:
+@dataclass
+class _Fitted:
+    """What the voters fitted so far hand the arbiter: out-of-fold train and calibration outputs, versions."""
+
+    train_set: Dataset
+    cal_set: Dataset
+    staging: Path
+    oof: dict[str, np.ndarray] = field(default_factory=dict)
+    cal: dict[str, np.ndarray] = field(default_factory=dict)
+    components: dict[str, str] = field(default_factory=dict)
+
+
+def _weak_supervision(config: TrainConfig, labels: LabelConfig, fitted: _Fitted, progress: Progress) -> dict[str, Any]:
     """The Snorkel voter over the rules and keyword LFs; its train outputs use no labels, so they are out-of-fold.
 
     Voter LFs read the other voters' out-of-fold train outputs here and their live outputs at run time.
@@ -165,27 +166,18 @@ def _weak_supervision(
     if not (config.rules or config.lfs):
         return {}
     progress("weak supervision: label model over the labeling functions")
+    train_set, oof, cal = fitted.train_set, fitted.oof, fitted.cal
     ws = WSModel.fit(
         train_set.texts, labels, load_lfs(labels, config.rules, config.lfs), voter_outputs=oof, y=train_set.labels
     )
     oof["ws"] = opinions_matrix(ws.predict_with(train_set.texts, oof)["ws"], labels.names)
-    cal["ws"] = opinions_matrix(ws.predict_with(cal_set.texts, cal)["ws"], labels.names)
-    save_ws(ws, staging)
-    components["ws"] = ws.version
+    cal["ws"] = opinions_matrix(ws.predict_with(fitted.cal_set.texts, cal)["ws"], labels.names)
+    save_ws(ws, fitted.staging)
+    fitted.components["ws"] = ws.version
     return dict(ws.report_)
 
 
-def _llm(
-    config: TrainConfig,
-    labels: LabelConfig,
-    train_set: Dataset,
-    cal_set: Dataset,
-    oof: dict[str, np.ndarray],
-    cal: dict[str, np.ndarray],
-    staging: Path,
-    components: dict[str, str],
-    progress: Progress,
-) -> dict[str, Any]:
+def _llm(config: TrainConfig, labels: LabelConfig, fitted: _Fitted, progress: Progress) -> dict[str, Any]:
     """The LoRA adapter on one half of train; its outputs on the other half (out-of-fold) and on calibration.
 
     One fold instead of K: a CPU LoRA run costs minutes, so the stacker learns the LLM's weight from the
@@ -198,6 +190,7 @@ def _llm(
     from flockwatch.llm_voter.config import LoraConfig
     from flockwatch.llm_voter.lora import train_lora
 
+    train_set, staging, components = fitted.train_set, fitted.staging, fitted.components
     half = np.arange(len(train_set)) % 2 == 0
     fit_idx, held_idx = np.flatnonzero(half), np.flatnonzero(~half)
     texts, ys = train_set.texts, train_set.labels
@@ -217,9 +210,9 @@ def _llm(
     core = load_llm(staging)
     assert core is not None
     progress("LLM voter: out-of-fold outputs on the held-out half of train, and on calibration")
-    oof["llm"] = np.full((len(train_set), len(labels.names)), np.nan)
-    oof["llm"][held_idx] = opinions_matrix(core.predict([texts[i] for i in held_idx])["llm"], labels.names)
-    cal["llm"] = opinions_matrix(core.predict(cal_set.texts)["llm"], labels.names)
+    oof = fitted.oof["llm"] = np.full((len(train_set), len(labels.names)), np.nan)
+    oof[held_idx] = opinions_matrix(core.predict([texts[i] for i in held_idx])["llm"], labels.names)
+    fitted.cal["llm"] = opinions_matrix(core.predict(fitted.cal_set.texts)["llm"], labels.names)
     return {
         "train_seconds": result.train_seconds,
         "steps": result.steps,
