@@ -19,7 +19,10 @@ async def stack(
     bundle: Path, services: list[str] = ALL, extra: Callable[[Bus], object] = lambda _: None, **overrides: Any
 ) -> AsyncIterator[tuple[httpx.AsyncClient, Bus]]:
     """An HTTP client on the gateway of a running in-process stack, and its bus; `extra` adds routes."""
-    settings = GatewaySettings(model_dir=bundle, **{"bus_url": "memory://", **overrides})
+    # a cold stack's first votes can take over a second on a loaded 2-core box: unless a test is about the
+    # deadline (and sets it), wait long enough that every running voter's vote makes it into the decision
+    defaults = {"bus_url": "memory://", "arbiter_deadline_ms": 5000}
+    settings = GatewaySettings(model_dir=bundle, **{**defaults, **overrides})
     bus, running = build(services, settings)
     extra(bus)
     app = create_app(settings, bus, running)

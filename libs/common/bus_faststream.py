@@ -19,6 +19,7 @@ QUIET: dict[str, Any] = {"logger": logging.getLogger("faststream"), "log_level":
 JSON = {"content-type": "application/json"}
 PUBLISH_CONCURRENCY = 32  # in-flight publishes per process: pipelined, within the connection pool
 STREAM_MAXLEN = 1_000_000  # Redis streams are capped (approximately) so memory stays bounded
+NATS_ACK_TIMEOUT_S = 5.0
 NATS_STREAM = JStream("flockwatch", subjects=["flockwatch.>"], declare=True)
 
 
@@ -115,7 +116,10 @@ class FastStreamBus(Bus):
         elif isinstance(self.broker, RedisBroker):
             await self.broker.publish(payload, stream=topic, maxlen=STREAM_MAXLEN, headers=JSON)
         else:
-            await self.broker.publish(payload, subject=topic, stream=NATS_STREAM.name, headers=JSON)
+            # JetStream waits for the server's ack; nats-py's 0.5 s default timed out on a loaded 2-core box
+            await self.broker.publish(
+                payload, subject=topic, stream=NATS_STREAM.name, headers=JSON, timeout=NATS_ACK_TIMEOUT_S
+            )
 
     async def _create_redis_groups(self) -> None:
         # A new work group starts at the stream's beginning, so nothing published before the first
