@@ -98,13 +98,26 @@ class VoteRequested(Event):
     text_id: str = Field(min_length=1, max_length=128)
     text: str = Field(min_length=1, description="The text, so the voter needs no other state.")
     voters: list[str] = Field(min_length=1, description="Which voters are asked (e.g. ['llm']).")
-    reason: str = Field(description="Why the cheap voters were not enough (their prediction set).")
+    reason: str = Field(description="Why the voters so far were not enough (their prediction set).")
     deadline_ms: float = Field(gt=0, description="How long the arbiter waits for the vote before deciding.")
+    tier: int = Field(1, ge=1, description="The cascade round asked (1: the first tier after the cheap voters).")
 
     @staticmethod
-    def id_for(text_id: str) -> str:
-        """Deterministic id: one request per text."""
-        return f"request:{text_id}"
+    def id_for(text_id: str, tier: int = 1) -> str:
+        """Deterministic id: one request per text and cascade round."""
+        return f"request:{text_id}" if tier == 1 else f"request:{text_id}:{tier}"
+
+
+class CascadeRound(BaseModel):
+    """One round of the cost-ordered cascade as the arbiter saw it for a text."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tier: int = Field(ge=0, description="0: the voters every text gets; r ≥ 1: the r-th cascade tier.")
+    voters: list[str] = Field(description="The voters this round asked.")
+    prediction_set: list[Label] = Field(description="The conformal set with the votes up to this round.")
+    confidence: float = Field(ge=0, le=1)
+    reason: str = Field(description="Why the cascade went on to the next tier, or stopped here.")
 
 
 class Decision(Event):
@@ -124,6 +137,7 @@ class Decision(Event):
     missing_voters: list[str] = Field(default_factory=list, description="Expected voters that did not arrive.")
     safety_applied: list[SafetyTrigger] = Field(default_factory=list)
     escalated: bool = Field(False, description="The arbiter asked the expensive voters (the LLM) for this text.")
+    rounds: list[CascadeRound] = Field(default_factory=list, description="The cascade rounds that ran, in order.")
     arbiter_version: str
     arbiter_instance: str | None = Field(None, description="Which arbiter instance decided.")
     thresholds: dict[str, float] = Field(description="The arbiter thresholds in force.")

@@ -101,8 +101,8 @@ class ArbiterService(Service):
                 r.text,
                 r.metadata,
                 max(0.0, (now - r.submitted_at) * 1000) if r.submitted_at else 0.0,
-                may_escalate=not r.escalated and self.settings.arbiter_cascade,
-                escalated=r.escalated,
+                may_escalate=self.settings.arbiter_cascade,
+                rounds=r.rounds,
             )
             for r in ready
         ]
@@ -114,12 +114,13 @@ class ArbiterService(Service):
                 text = r.text or ""
                 out.append(
                     VoteRequested(
-                        message_id=VoteRequested.id_for(r.text_id),
+                        message_id=VoteRequested.id_for(r.text_id, outcome.tier),
                         text_id=r.text_id,
                         text=text,
                         voters=outcome.voters,
                         reason=outcome.reason,
                         deadline_ms=deadline_ms,
+                        tier=outcome.tier,
                     )
                 )
                 telemetry.DECISIONS.labels("escalated", "pending").inc()

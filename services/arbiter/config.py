@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from flockwatch.common.yamlconfig import load_model
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -22,14 +22,55 @@ class RiskConfig(BaseModel):
     starts: int = Field(4, ge=1, le=50, description="Fixed-sequence test starts along the thresholds (δ split).")
 
 
-class CascadeConfig(BaseModel):
-    """Ask the expensive voters only for texts the cheap voters are unsure of, within a call budget."""
+class Tier(BaseModel):
+    """One round of the cascade: voters asked together, and the largest share of texts that may reach them."""
 
     model_config = ConfigDict(extra="forbid")
 
-    voters: list[str] = Field(default_factory=lambda: ["llm"], description="The expensive voters.")
-    budget: float = Field(0.10, gt=0, le=1, description="Largest share of texts sent to the expensive voters.")
-    deadline_ms: float = Field(3000, gt=0, description="How long the arbiter waits for an expensive vote.")
+    voters: list[str] = Field(min_length=1, description="Voters asked in this round.")
+    budget: float = Field(0.10, gt=0, le=1, description="Largest share of all texts that may reach this round.")
+
+
+class CascadeConfig(BaseModel):
+    """Cost-ordered rounds after the cheap voters: each asked only for texts still unsure, within its budget.
+
+    `tiers` lists the rounds from cheap to expensive (e.g. the embedding model, then the LLM); the voters
+    not named in any tier vote on every text (round 0). The short form `voters` + `budget` is one tier.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    tiers: list[Tier] = Field(
+        default_factory=lambda: [Tier(voters=["llm"], budget=0.10)], description="Rounds, cheapest first."
+    )
+    deadline_ms: float = Field(3000, gt=0, description="How long the arbiter waits for a round's votes.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, data: Any) -> Any:
+        if isinstance(data, dict) and ("voters" in data or "budget" in data):
+            if "tiers" in data:
+                raise ValueError("give either tiers or voters/budget, not both")
+            data = dict(data)
+            voters = data.pop("voters", ["llm"])
+            budget = data.pop("budget", 0.10)
+            data["tiers"] = [{"voters": voters, "budget": budget}] if voters else []
+        return data
+
+    @model_validator(mode="after")
+    def _once(self) -> CascadeConfig:
+        named = self.voters
+        if len(set(named)) != len(named):
+            raise ValueError(f"a voter appears in two cascade tiers: {named}")
+        budgets = [t.budget for t in self.tiers]
+        if budgets != sorted(budgets, reverse=True):
+            raise ValueError(f"tier budgets must not grow along the cascade: {budgets}")
+        return self
+
+    @property
+    def voters(self) -> list[str]:
+        """Every voter asked only on escalation, in cascade order."""
+        return [v for tier in self.tiers for v in tier.voters]
 
 
 class ConformalConfig(BaseModel):

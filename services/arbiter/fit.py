@@ -1,8 +1,9 @@
 """Fit the arbiter: stacker on out-of-fold train outputs; conformal sets and thresholds on the calibration split.
 
 The calibration split is never seen by the voters' or the stacker's training, so its scores are
-exchangeable with future texts'. Two conformal stages are calibrated: `cheap` (the cascade voters
-absent: what most texts are decided on) and `full` (calibration texts the cascade voters voted on).
+exchangeable with future texts'. One conformal stage is calibrated per cascade round: `cheap` (the
+cascade voters absent: what most texts are decided on), then `tier1`, `tier2`, … (the votes of the
+rounds up to that tier, on the calibration texts that tier's voters voted on).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 from flockwatch.arbiter.combiner import CONSENSUS, NO_VOTES, Combined, combine
 from flockwatch.arbiter.config import ConformalConfig
 from flockwatch.arbiter.conformal import MondrianSets
-from flockwatch.arbiter.model import CHEAP, FULL, ArbiterPolicy, memberships
+from flockwatch.arbiter.model import CHEAP, ArbiterPolicy, active_tiers, memberships, stage_name
 from flockwatch.arbiter.risk import Stage, choose_thresholds, harm_loss
 from flockwatch.arbiter.stacker import Array, Stacker, stack_votes
 from flockwatch.common.metrics import has_opinion
@@ -40,33 +41,33 @@ def fit_policy(
 ) -> ArbiterPolicy:
     """Fit the stacker, calibrate the conformal stages, then choose the answer and escalation thresholds."""
     y_train, y_cal = np.asarray(y_train, dtype=np.int64), np.asarray(y_cal, dtype=np.int64)
-    cascade = tuple(v for v in config.cascade.voters if v in oof)
+    tiers = active_tiers(config, list(oof))
+    cascade = tuple(v for voters, _ in tiers for v in voters)
     base = stacker if stacker is not None else Stacker(rare=cascade)
     fitted = base.fit(oof, y_train, len(classes))
-    cheap_votes = {v: p for v, p in cal.items() if v not in cascade}
-    cheap = _combined(fitted, cheap_votes, config)
     texts = list(cal_texts) if cal_texts is not None else [None] * len(y_cal)
     groups = memberships(slices, texts)
     names = [s.name for s in slices.slices] if slices else []
     fit_sets = _set_fitter(y_cal, groups, names, classes, config)
-    sets = {CHEAP: fit_sets(cheap, np.ones(len(y_cal), dtype=bool))}
-    full_stage = None
-    if cascade:
-        full = _combined(fitted, cal, config)
-        sets[FULL] = fit_sets(full, _any_present(cal, cascade))
-        full_stage = Stage.from_sets(full.probabilities, _set_matrix(full, sets[FULL], groups))
-    cheap_sets = _set_matrix(cheap, sets[CHEAP], groups)
-    cheap_stage = Stage.from_sets(cheap.probabilities, cheap_sets)
+    sets: dict[str, MondrianSets] = {}
+    stages: list[Stage] = []
+    rounds: list[Combined] = []
+    for r in range(len(tiers) + 1):  # round r decides with the every-text voters and tiers 1…r
+        later = {v for voters, _ in tiers[r:] for v in voters}
+        rounds.append(_combined(fitted, {v: p for v, p in cal.items() if v not in later}, config))
+        rows = np.ones(len(y_cal), dtype=bool) if r == 0 else _any_present(cal, tiers[r - 1][0])
+        sets[stage_name(r)] = fit_sets(rounds[r], rows)
+        stages.append(Stage.from_sets(rounds[r].probabilities, _set_matrix(rounds[r], sets[stage_name(r)], groups)))
+    cheap, cheap_stage = rounds[0], stages[0]
     loss = harm_loss(classes, harm, config.risk.harm_weighted)
     choice = choose_thresholds(
-        cheap_stage,
+        stages,
         y_cal,
         loss,
         config.risk.target,
         config.risk.delta,
         config.risk.grid,
-        full=full_stage,
-        budget=config.cascade.budget if cascade else None,
+        budgets=[budget for _, budget in tiers],
         starts=config.risk.starts,
     )
     policy = ArbiterPolicy(
@@ -86,10 +87,11 @@ def fit_policy(
         "n": len(y_cal),
         "risk": choice.to_dict(),
         "conformal": {stage: s.report for stage, s in sets.items()},
-        "set_coverage": _coverage(cheap_stage, cheap_sets, cheap, y_cal),
+        "set_coverage": _coverage(cheap_stage, _set_matrix(cheap, sets[CHEAP], groups), cheap, y_cal),
         "consensus_rate": float((cheap.path == CONSENSUS).mean()) if len(y_cal) else 0.0,
         "stacker_voters": list(fitted.voters_),
         "cascade_voters": list(cascade),
+        "cascade_tiers": [{"voters": voters, "budget": budget} for voters, budget in tiers],
     }
     return policy
 

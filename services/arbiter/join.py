@@ -30,7 +30,12 @@ class Ready:
     submitted_at: float | None
     text: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
-    escalated: bool = False
+    rounds: int = 0  # cascade tiers asked so far
+
+    @property
+    def escalated(self) -> bool:
+        """A cascade tier was asked for this text."""
+        return self.rounds > 0
 
 
 class Submitted(NamedTuple):
@@ -51,7 +56,7 @@ class JoinStore(ABC):
 
     @abstractmethod
     async def reopen(self, item: Ready, expected: int, deadline_s: float) -> None:
-        """Put a claimed text back, escalated: it now waits for `expected` votes in all, or a new deadline."""
+        """Put a claimed text back one cascade round further: it waits for `expected` votes, or a new deadline."""
 
     @abstractmethod
     async def add_votes(self, votes: list[Vote], expected: int, deadline_s: float) -> list[Ready]:
@@ -73,6 +78,7 @@ class _Entry:
     metadata: dict[str, str] = field(default_factory=dict)
     expected: int | None = None  # set when escalated
     deadline: float = 0.0  # the live one: older heap items for this text are stale
+    rounds: int = 0
 
 
 class MemoryJoinStore(JoinStore):
@@ -98,8 +104,8 @@ class MemoryJoinStore(JoinStore):
         self._decided[text_id] = None
         if len(self._decided) > self._remember:
             self._decided.popitem(last=False)
-        escalated = entry.expected is not None
-        return Ready(text_id, list(entry.votes.values()), entry.submitted_at, entry.text, entry.metadata, escalated)
+        votes = list(entry.votes.values())
+        return Ready(text_id, votes, entry.submitted_at, entry.text, entry.metadata, entry.rounds)
 
     async def add_texts(self, items: Sequence[tuple[Any, ...]], deadline_s: float) -> None:
         for item in items:
@@ -112,7 +118,9 @@ class MemoryJoinStore(JoinStore):
         self._decided.pop(item.text_id, None)
         votes = {v.voter: v for v in item.votes}
         deadline = time.time() + deadline_s
-        self._entries[item.text_id] = _Entry(votes, item.submitted_at, item.text, item.metadata, expected, deadline)
+        self._entries[item.text_id] = _Entry(
+            votes, item.submitted_at, item.text, item.metadata, expected, deadline, item.rounds + 1
+        )
         heapq.heappush(self._deadlines, (deadline, item.text_id))
 
     async def add_votes(self, votes: list[Vote], expected: int, deadline_s: float) -> list[Ready]:
@@ -150,7 +158,7 @@ for i = 7, #ARGV, 3 do
     redis.call('EXPIRE', key, ttl)
     redis.call('ZADD', p .. 'deadlines', 'NX', now + dl, id)
     local n = redis.call('HLEN', key)
-    for _, f in ipairs({'t', 'x', 'm', 'e'}) do n = n - redis.call('HEXISTS', key, f) end
+    for _, f in ipairs({'t', 'x', 'm', 'e', 'r'}) do n = n - redis.call('HEXISTS', key, f) end
     local need = tonumber(redis.call('HGET', key, 'e') or expected)
     if n >= need and redis.call('SET', p .. 'decided:' .. id, '1', 'NX', 'EX', claim_ttl) then
       redis.call('ZREM', p .. 'deadlines', id)
@@ -219,7 +227,7 @@ class RedisJoinStore(JoinStore):
         await pipe.execute()
 
     async def reopen(self, item: Ready, expected: int, deadline_s: float) -> None:
-        fields: list[Any] = ["e", expected, "m", json.dumps(item.metadata)]
+        fields: list[Any] = ["e", expected, "r", item.rounds + 1, "m", json.dumps(item.metadata)]
         fields += ["t", repr(item.submitted_at)] if item.submitted_at is not None else []
         fields += ["x", item.text] if item.text is not None else []
         for vote in item.votes:
@@ -248,7 +256,7 @@ class RedisJoinStore(JoinStore):
         ready = []
         for text_id, fields in zip(flat[::2], flat[1::2], strict=True):
             pairs = dict(zip(fields[::2], fields[1::2], strict=True))
-            t, text, meta, escalated = (pairs.pop(f, None) for f in (b"t", b"x", b"m", b"e"))
+            t, text, meta, _, rounds = (pairs.pop(f, None) for f in (b"t", b"x", b"m", b"e", b"r"))
             votes = [Vote.model_validate_json(v) for v in pairs.values()]
             ready.append(
                 Ready(
@@ -257,7 +265,7 @@ class RedisJoinStore(JoinStore):
                     float(t) if t else None,
                     text.decode() if text is not None else None,
                     json.loads(meta) if meta else {},
-                    escalated is not None,
+                    int(rounds) if rounds is not None else 0,
                 )
             )
         return ready

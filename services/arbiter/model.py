@@ -1,10 +1,11 @@
-"""The arbiter's policy: combine a text's votes, cut a conformal set, answer, abstain or escalate to the LLM.
+"""The arbiter's policy: combine a text's votes, cut a conformal set, answer, abstain or escalate.
 
 A text is answered when its conformal prediction set is a single class and its confidence clears the
-risk-controlled threshold (`risk.py`); safety triggers can raise the answer or force a review. When the
-cascade voters (the LLM) have not voted and the cheap voters are unsure — their set is not a single
-class, or their confidence is below `escalate_below` (where the cheap-only policy would abstain) — but
-not hopeless (confidence ≥ `escalate_at`), the arbiter asks for the cascade vote instead of deciding.
+risk-controlled threshold (`risk.py`); safety triggers can raise the answer or force a review. The
+cascade asks its tiers in rounds, cheapest first (e.g. the embedding model, then the LLM): while a
+text's set is not a single class, or its confidence is below `escalate_below` (where the cheap-only
+policy would abstain), but it is not hopeless (confidence ≥ that tier's `escalate_at`), the arbiter
+asks the next tier instead of deciding. Each decision records its rounds and why the cascade stopped.
 """
 
 from __future__ import annotations
@@ -18,12 +19,24 @@ from flockwatch.arbiter.combiner import NO_VOTES, PATHS, Combined, combine
 from flockwatch.arbiter.config import ConformalConfig
 from flockwatch.arbiter.conformal import MondrianSets
 from flockwatch.arbiter.stacker import Array, Stacker, stack_votes
-from flockwatch.common.events import Decision, SafetyTrigger, Vote
+from flockwatch.common.events import CascadeRound, Decision, SafetyTrigger, Vote
 from flockwatch.common.labels import LabelConfig
 from flockwatch.common.slices import SliceConfig
+from numpy.typing import NDArray
 
-FORMAT = "flockwatch.arbiter.policy/2"
-CHEAP, FULL = "cheap", "full"  # conformal calibrators: without and with the cascade (LLM) votes
+FORMAT = "flockwatch.arbiter.policy/3"
+CHEAP = "cheap"  # the conformal calibrator of round 0 (no cascade votes); round r's is stage_name(r)
+
+
+def stage_name(r: int) -> str:
+    """The conformal calibrator's key for decisions made with the voters of rounds 0…r."""
+    return CHEAP if r == 0 else f"tier{r}"
+
+
+def active_tiers(config: ConformalConfig, known: Sequence[str]) -> list[tuple[list[str], float]]:
+    """The cascade tiers (voters, budget) restricted to voters the stacker knows; empty tiers dropped."""
+    tiers = [([v for v in t.voters if v in known], t.budget) for t in config.cascade.tiers]
+    return [(voters, budget) for voters, budget in tiers if voters]
 
 
 class PolicyFormatError(ValueError):
@@ -58,16 +71,17 @@ class DecideItem:
     metadata: Mapping[str, str] = field(default_factory=dict)
     latency_ms: float = 0.0
     may_escalate: bool = True
-    escalated: bool = False  # the cascade voters were asked (their votes may not have come)
+    rounds: int = 0  # cascade tiers already asked (their votes may not have come)
 
 
 @dataclass(frozen=True)
 class Escalation:
-    """The cheap voters were unsure: ask the cascade voters, then decide."""
+    """The voters so far were unsure: ask the next tier's voters, then decide."""
 
     text_id: str
     voters: list[str]
     reason: str
+    tier: int = 1
 
 
 @dataclass(eq=False)
@@ -82,7 +96,7 @@ class ArbiterPolicy:
     sets: dict[str, MondrianSets]
     slices: SliceConfig | None = None
     answer_at: float = 0.0
-    escalate_at: float = 2.0
+    escalate_at: tuple[float, ...] = ()  # per tier; 2.0 (NEVER): the plan does not reach it
     escalate_below: float = 2.0
     version: str = "0"
     calibration_report: dict[str, Any] = field(default_factory=dict)
@@ -97,11 +111,18 @@ class ArbiterPolicy:
         self._index = {c: i for i, c in enumerate(self.classes)}
         self._slot = {v: j for j, v in enumerate(self.stacker.voters_)}
         self._harm = np.array([self.harm[c] for c in self.classes])
-        self._cascade = [v for v in self.config.cascade.voters if v in self._slot]
+        self.tiers = [voters for voters, _ in active_tiers(self.config, self.stacker.voters_)]
+        self.escalate_at = tuple(self.escalate_at) + (2.0,) * (len(self.tiers) - len(self.escalate_at))
+        self._cascade = [v for tier in self.tiers for v in tier]
+        # column masks of the voters each round may use (round 0: every voter outside the cascade)
+        self._prefix = np.ones((len(self.tiers) + 1, len(self._slot)), dtype=bool)
+        for r in range(len(self.tiers) + 1):
+            for v in [v for tier in self.tiers[r:] for v in tier]:
+                self._prefix[r, self._slot[v]] = False
 
     @property
     def cascade_voters(self) -> list[str]:
-        """The expensive voters the stacker knows (asked only on escalation)."""
+        """The expensive voters the stacker knows (asked only on escalation), cheapest tier first."""
         return list(self._cascade)
 
     @property
@@ -115,7 +136,7 @@ class ArbiterPolicy:
         return {
             "alpha": self.config.alpha,
             "answer_at": self.answer_at,
-            "escalate_at": self.escalate_at,
+            **{f"escalate_at_tier{r + 1}": tau for r, tau in enumerate(self.escalate_at)},
             "escalate_below": self.escalate_below,
             "risk_target": self.config.risk.target,
             "consensus_min_prob": self.config.consensus_min_prob,
@@ -146,23 +167,76 @@ class ArbiterPolicy:
                     by_voter.setdefault(vote.voter, vote)
             used.append(list(by_voter.values()))
             notes.append(self._fill_votes(used[-1], probs[i], present[i]))
-        combined = combine(self.stacker, probs, present, self.config.consensus_min_prob)
-        cascade_cols = [self._slot[v] for v in self._cascade]
-        full = present[:, cascade_cols].any(axis=1) if cascade_cols else np.zeros(n, dtype=bool)
         groups = memberships(self.slices, [it.text for it in items], [it.metadata for it in items])
-        p = np.nan_to_num(combined.probabilities)
-        sets = np.ones((n, k), dtype=bool)
-        for stage, rows in ((CHEAP, ~full), (FULL, full)):
-            rows = rows & (combined.path != NO_VOTES)
-            if rows.any():
-                calibrator = self.sets.get(stage, self.sets[CHEAP])
-                sets[rows] = calibrator.predict_sets(p[rows], [groups[i] for i in np.flatnonzero(rows)])
+        p, sets, path, stage = self._cut(probs, present, groups)
         out: list[Decision | Escalation] = []
         for i, item in enumerate(items):
-            path = int(combined.path[i])
-            escalate = self._escalation(item, path, p[i], sets[i], bool(full[i]))
-            out.append(escalate or self._decision(item, used[i], notes[i], path, p[i], sets[i]))
+            escalate = self._escalation(item, int(path[i]), p[i], sets[i])
+            out.append(escalate or self._decision(item, used[i], notes[i], int(path[i]), p[i], sets[i]))
+        traced = [i for i, o in enumerate(out) if isinstance(o, Decision)]
+        if traced:
+            rounds = self._rounds(
+                [items[i] for i in traced], probs[traced], present[traced], [groups[i] for i in traced]
+            )
+            for i, trace in zip(traced, rounds, strict=True):
+                out[i] = out[i].model_copy(update={"rounds": trace})
         return out
+
+    def _stage(self, present: Array) -> NDArray[np.int64]:
+        """The deepest cascade round with a vote present (0: only the every-text voters)."""
+        stage = np.zeros(len(present), dtype=np.int64)
+        for r, tier in enumerate(self.tiers, start=1):
+            cols = [self._slot[v] for v in tier]
+            stage[present[:, cols].any(axis=1)] = r
+        return stage
+
+    def _cut(
+        self, probs: Array, present: Array, groups: list[list[str] | None]
+    ) -> tuple[Array, NDArray[np.bool_], NDArray[np.int8], NDArray[np.int64]]:
+        """Combined probabilities, conformal sets (by each text's round's calibrator), paths and rounds."""
+        n, k = len(probs), len(self.classes)
+        combined = combine(self.stacker, probs, present, self.config.consensus_min_prob)
+        stage = self._stage(present)
+        p = np.nan_to_num(combined.probabilities)
+        sets = np.ones((n, k), dtype=bool)
+        for r in np.unique(stage):
+            rows = (stage == r) & (combined.path != NO_VOTES)
+            if rows.any():
+                calibrator = self.sets.get(stage_name(int(r)), self.sets[CHEAP])
+                sets[rows] = calibrator.predict_sets(p[rows], [groups[i] for i in np.flatnonzero(rows)])
+        return p, sets, combined.path, stage
+
+    def _rounds(
+        self, items: Sequence[DecideItem], probs: Array, present: Array, groups: list[list[str] | None]
+    ) -> list[list[CascadeRound]]:
+        """Each decision's rounds: what each round saw (recomputed from its votes), why it went on or stopped."""
+        last = [min(it.rounds, len(self.tiers)) for it in items]
+        views = [self._cut(probs, present & self._prefix[r], groups) for r in range(max(last) + 1)]
+        out = []
+        for i in range(len(items)):
+            trace = []
+            for r in range(last[i] + 1):
+                p, sets, path, _ = (view[i] for view in views[r])
+                voters = self.first_stage_voters if r == 0 else self.tiers[r - 1]
+                named, conf = self._names(sets), 0.0 if path == NO_VOTES else float(p.max())
+                if r < last[i]:
+                    why = f"set {named}, confidence {conf:.3f}: asked {', '.join(self.tiers[r])}"
+                else:
+                    why = self._stop_reason(path, p, sets, r)
+                trace.append(CascadeRound(tier=r, voters=voters, prediction_set=named, confidence=conf, reason=why))
+            out.append(trace)
+        return out
+
+    def _stop_reason(self, path: int, p: Array, pset: Array, r: int) -> str:
+        if path == NO_VOTES:
+            return "no votes"
+        if self._sure(p, pset):
+            return f"a single class at confidence ≥ {self.escalate_below:.3f}"
+        if r >= len(self.tiers):
+            return "unsure, and no cascade tier is left"
+        if p.max() < self.escalate_at[r]:
+            return f"hopeless for {', '.join(self.tiers[r])}: confidence {p.max():.3f} < {self.escalate_at[r]:.3f}"
+        return "unsure; the cascade was off for this text (disabled, or no text to send)"
 
     def _fill_votes(self, votes: list[Vote], probs: Array, present: Array) -> list[str]:
         notes = []
@@ -187,15 +261,18 @@ class ArbiterPolicy:
             row[i] = min(p, 1.0)
         return True
 
-    def _escalation(self, item: DecideItem, path: int, p: Array, pset: Array, full: bool) -> Escalation | None:
-        if not (item.may_escalate and self._cascade and item.text) or full or path == NO_VOTES:
+    def _sure(self, p: Array, pset: Array) -> bool:
+        return bool(int(pset.sum()) == 1 and pset[int(p.argmax())] and p.max() >= self.escalate_below)
+
+    def _escalation(self, item: DecideItem, path: int, p: Array, pset: Array) -> Escalation | None:
+        r = item.rounds
+        if not (item.may_escalate and item.text) or r >= len(self.tiers) or path == NO_VOTES:
             return None
         confidence = float(p.max())
-        sure = int(pset.sum()) == 1 and pset[int(p.argmax())] and confidence >= self.escalate_below
-        if sure or confidence < self.escalate_at:
+        if self._sure(p, pset) or confidence < self.escalate_at[r]:
             return None
-        why = f"cheap voters' set {self._names(pset)}, confidence {confidence:.3f}"
-        return Escalation(item.text_id, list(self._cascade), why)
+        why = f"round {r}: set {self._names(pset)}, confidence {confidence:.3f}"
+        return Escalation(item.text_id, list(self.tiers[r]), why, tier=r + 1)
 
     def _names(self, pset: Array) -> list[str]:
         return [c for c, inside in zip(self.classes, pset, strict=True) if inside]
@@ -204,8 +281,8 @@ class ArbiterPolicy:
         self, item: DecideItem, used: list[Vote], notes: list[str], path: int, p: Array, pset: Array
     ) -> Decision:
         arrived = {v.voter for v in used}
-        escalated = item.escalated or bool(arrived & set(self._cascade))
-        wanted = [*self.first_stage_voters, *(self._cascade if escalated else [])]
+        escalated = item.rounds > 0 or bool(arrived & set(self._cascade))
+        wanted = [*self.first_stage_voters, *(v for tier in self.tiers[: item.rounds] for v in tier)]
         absent = [v for v in wanted if v not in arrived]
         triggers = list(dict.fromkeys(t for v in used for t in v.safety))
         prediction, reason, applied = self._verdict(None if path == NO_VOTES else p, pset, triggers, absent, notes)
@@ -268,7 +345,7 @@ class ArbiterPolicy:
             "expected_voters": list(self.expected_voters),
             "config": self.config.model_dump(),
             "answer_at": self.answer_at,
-            "escalate_at": self.escalate_at,
+            "escalate_at": list(self.escalate_at),
             "escalate_below": self.escalate_below,
             "stacker": self.stacker.to_dict(),
             "calibration_report": dict(self.calibration_report),
@@ -291,7 +368,7 @@ class ArbiterPolicy:
                 sets=sets,
                 slices=slices,
                 answer_at=float(data["answer_at"]),
-                escalate_at=float(data["escalate_at"]),
+                escalate_at=tuple(float(t) for t in data["escalate_at"]),
                 escalate_below=float(data["escalate_below"]),
                 version=str(data["version"]),
                 calibration_report=dict(data.get("calibration_report", {})),

@@ -1,20 +1,24 @@
-"""Learn-then-test: the answer threshold (and the cascade's escalation threshold) with a finite-sample guarantee.
+"""Learn-then-test: the answer threshold and the cascade's escalation thresholds, with a finite-sample guarantee.
 
-The arbiter answers a text when its conformal set is a single class and its confidence is ≥ λ. For
-every candidate λ (and escalation threshold τ) the selective risk — the mean harm-weighted loss over
-the calibration texts it would answer — gets a Hoeffding–Bentkus p-value for "risk > target" (MAPIE's
-`compute_hoeffding_bentkus_p_value`, with n the number answered); the LLM call rate gets one for
-"rate > budget". MAPIE's fixed-sequence testing along λ (most confident first; several starts spread
-along the chain, so one confidently wrong text early on does not end the search), Bonferroni over τ, keeps
-the family-wise error ≤ δ, so with probability ≥ 1 − δ every selected pair meets both targets. Among them
-the one answering most calibration texts wins. No valid pair: the arbiter abstains on everything, and
-the report says so.
+The arbiter answers a text when its conformal set is a single class and its confidence is ≥ λ. The
+cascade asks its tiers (cheap to expensive: e.g. the embedding model, then the LLM) one round at a time
+for texts still unsure after the previous round, unless they are hopeless (confidence < τᵣ). For every
+candidate λ and plan (τ₁, …, τⱼ) the selective risk — the mean harm-weighted loss over the calibration
+texts it would answer — gets a Hoeffding–Bentkus p-value for "risk > target" (MAPIE's
+`compute_hoeffding_bentkus_p_value`, with n the number answered), and the share of texts reaching each
+tier one for "share > that tier's budget"; a pair is valid when all hold (the largest p-value). MAPIE's
+fixed-sequence testing along λ (most confident first; several starts spread along the chain, so one
+confidently wrong text early on does not end the search), Bonferroni over the plans, keeps the
+family-wise error ≤ δ, so with probability ≥ 1 − δ every selected pair meets every target at once.
+Among them the one answering most calibration texts (then calling least) wins. No valid pair: the
+arbiter abstains on everything, and the report says so.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 from mapie.risk_control import FWERFixedSequenceTesting, control_fwer
@@ -57,56 +61,81 @@ class RiskChoice:
     """The thresholds chosen and what they achieve on the calibration split."""
 
     answer_at: float
-    escalate_at: float
+    escalate_at: tuple[float, ...]  # τ of each tier (NEVER: the plan stops before it)
     escalate_below: float
     certified: bool
     coverage: float
     risk: float
     error: float
-    call_rate: float
+    reach: tuple[float, ...]  # share of calibration texts reaching each tier
     p_value: float
     n: int
     target: float
     delta: float
-    budget: float | None
+    budgets: tuple[float, ...]
 
-    def to_dict(self) -> dict[str, float | bool | int | None]:
+    @property
+    def call_rate(self) -> float:
+        """Share of texts escalated at all (to the first tier)."""
+        return self.reach[0] if self.reach else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
-        return asdict(self)
+        return {**asdict(self), "call_rate": self.call_rate}
 
 
 def choose_thresholds(
-    cheap: Stage,
+    stages: Sequence[Stage],
     y: NDArray[np.int64],
     loss: Array,
     target: float,
     delta: float,
     grid: int = 200,
-    full: Stage | None = None,
-    budget: float | None = None,
+    budgets: Sequence[float] = (),
     n_tau: int = 4,
     starts: int = 4,
 ) -> RiskChoice:
-    """λ (and τ when `full`, the decisions with the expensive votes, is given) by learn-then-test.
+    """λ, and τ for each tier, by learn-then-test; `stages[r]` decides with the voters of rounds 0…r.
 
-    Escalation candidates are the texts the cheap-only policy abstains on (set not a single class, or
-    confidence below its own certified λ₀); τ keeps the hopeless ones (confidence < τ) from the LLM.
+    Escalation candidates after a round are the texts the cheap-only policy would abstain on (set not a
+    single class, or confidence below its own certified λ₀); τᵣ keeps the hopeless ones from tier r.
     """
     binary = bool(np.isin(loss, (0.0, 1.0)).all())
-    cascade = full is not None and budget is not None
-    level = delta / (n_tau if cascade else 1)  # Bonferroni over the τ chains
-    chain = _Chain(y, loss, target, level, binary, grid, budget, starts)
-    best = chain.run(cheap, np.zeros(len(y), dtype=bool), NEVER, NEVER)
-    if cascade:
-        assert full is not None and budget is not None
-        below = best.answer_at if best.certified else NEVER
-        unsure = ~cheap.singleton | (cheap.confidence < below)
-        for tau in _tau_grid(cheap.confidence[unsure], budget, len(y), n_tau - 1):
-            escalate = unsure & (cheap.confidence >= tau)
-            choice = chain.run(_merge(cheap, full, escalate), escalate, tau, below)
-            if choice.certified and (choice.coverage, -choice.call_rate) > (best.coverage, -best.call_rate):
-                best = choice
+    tiers = min(len(stages) - 1, len(budgets))
+    per_tier = max(n_tau - 1, 1)
+    plans = sum(per_tier**r for r in range(tiers + 1))  # every prefix of tiers, each with its τ grid
+    chain = _Chain(y, loss, target, delta / plans, binary, grid, tuple(budgets[:tiers]), starts)
+    never = (NEVER,) * tiers
+    best = chain.run(stages[0], [], never, NEVER)
+    if not tiers:
+        return best
+    below = best.answer_at if best.certified else NEVER
+    for plan, merged, reach in _plans(stages[: tiers + 1], below, budgets, len(y), per_tier):
+        choice = chain.run(merged, reach, plan + never[len(plan) :], below)
+        if choice.certified and (choice.coverage, -choice.call_rate) > (best.coverage, -best.call_rate):
+            best = choice
     return best
+
+
+def _plans(
+    stages: Sequence[Stage], below: float, budgets: Sequence[float], n: int, per_tier: int
+) -> list[tuple[tuple[float, ...], Stage, list[Mask]]]:
+    """Every plan (τ₁, …, τⱼ), j ≥ 1: the decisions it leads to, and which texts reach each tier."""
+    out: list[tuple[tuple[float, ...], Stage, list[Mask]]] = []
+
+    def extend(plan: tuple[float, ...], stage: Stage, at_last: Mask, reach: list[Mask]) -> None:
+        r = len(plan) + 1  # the tier to escalate to next
+        if r >= len(stages):
+            return
+        unsure = at_last & (~stage.singleton | (stage.confidence < below))
+        for tau in _tau_grid(stage.confidence[unsure], budgets[r - 1], n, per_tier):
+            escalate = unsure & (stage.confidence >= tau)
+            merged = _merge(stage, stages[r], escalate)
+            out.append(((*plan, tau), merged, [*reach, escalate]))
+            extend((*plan, tau), merged, escalate, [*reach, escalate])
+
+    extend((), stages[0], np.ones(n, dtype=bool), [])
+    return out
 
 
 @dataclass
@@ -119,10 +148,10 @@ class _Chain:
     level: float
     binary: bool
     grid: int
-    budget: float | None
+    budgets: tuple[float, ...]
     starts: int
 
-    def run(self, stage: Stage, escalate: Mask, tau: float, below: float) -> RiskChoice:
+    def run(self, stage: Stage, reach: Sequence[Mask], taus: tuple[float, ...], below: float) -> RiskChoice:
         """The certified λ answering most texts; else an uncertified NEVER choice with the closest p-value."""
         y, n = self.y, len(self.y)
         starts = self.starts
@@ -132,29 +161,31 @@ class _Chain:
         risk = (answered * self.loss[y, stage.prediction]).sum(axis=1) / np.maximum(n_ans, 1)
         hb = compute_hoeffding_bentkus_p_value(risk, n_ans.astype(float), self.target, self.binary)[:, 0]
         p = np.where(n_ans > 0, hb, 1.0)
-        calls = float(escalate.mean()) if n else 0.0
-        if self.budget is not None and escalate.any():
-            p_call = compute_hoeffding_bentkus_p_value(np.array([calls]), n, self.budget, True)[0, 0]
-            p = np.maximum(p, p_call)
+        rates = [float(mask.mean()) if n else 0.0 for mask in reach]
+        for rate, budget in zip(rates, self.budgets, strict=False):
+            p_rate = compute_hoeffding_bentkus_p_value(np.array([rate]), n, budget, True)[0, 0]
+            p = np.maximum(p, p_rate)
         procedure = FWERFixedSequenceTesting(n_starts=min(starts, len(p)))
         valid = np.asarray(control_fwer(p, self.level, fwer_method=procedure), dtype=np.int64)
         errors = (answered & (y[None, :] != stage.prediction[None, :])).sum(axis=1) / np.maximum(n_ans, 1)
         i = int(valid[np.argmax(n_ans[valid])]) if len(valid) else int(np.argmin(p))
         ok = len(valid) > 0
+        never = (NEVER,) * len(self.budgets)
+        reached = tuple(rates) + (0.0,) * (len(self.budgets) - len(rates))
         return RiskChoice(
             answer_at=float(lambdas[i]) if ok else NEVER,
-            escalate_at=tau if ok else NEVER,
+            escalate_at=taus if ok else never,
             escalate_below=below if ok else NEVER,
             certified=ok,
             coverage=float(n_ans[i] / n) if ok else 0.0,
             risk=float(risk[i]),
             error=float(errors[i]),
-            call_rate=calls if ok else 0.0,
+            reach=reached if ok else (0.0,) * len(self.budgets),
             p_value=float(p[i]),
             n=n,
             target=self.target,
             delta=self.level,
-            budget=self.budget,
+            budgets=self.budgets,
         )
 
 
@@ -191,7 +222,7 @@ def _tau_grid(unsure: Array, budget: float, n: int, count: int) -> list[float]:
 
 
 def _merge(cheap: Stage, full: Stage, escalate: Mask) -> Stage:
-    """Escalated texts are decided with the expensive votes; the rest as the cheap voters decided."""
+    """Escalated texts are decided with the next tier's votes; the rest as they were."""
     return Stage(
         np.where(escalate, full.confidence, cheap.confidence),
         np.where(escalate, full.prediction, cheap.prediction),

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,58 +51,96 @@ def _optional_loaders() -> list[Callable[[Path], VoterCore | None]]:
 
 @dataclass
 class Run:
-    """What `decide_all` saw: the decisions, each voter's opinions (None: not asked), who was escalated."""
+    """What `decide_all` saw: decisions, each voter's opinions (None: not asked), rounds asked, CPU cost."""
 
     decisions: list[Decision]
     opinions: dict[str, list[Opinion | None]]
-    escalated: np.ndarray
+    rounds: np.ndarray  # cascade tiers asked per text
+    cpu_ms: dict[str, float] = field(default_factory=dict)  # per voter core: CPU-ms per text it scored
+    cpu_ms_total: float = 0.0  # voters and arbiter together, per text of the run
+
+    @property
+    def escalated(self) -> np.ndarray:
+        """Texts for which any cascade tier was asked."""
+        return self.rounds > 0
+
+    def cascade_report(self, tiers: Sequence[Sequence[str]]) -> dict[str, Any]:
+        """Share of texts reaching each round, the voters' measured costs, and CPU-ms per text overall."""
+        n = max(len(self.rounds), 1)
+        return {
+            "rounds": [
+                {"tier": r, "voters": list(voters), "reach": float((self.rounds >= r).sum() / n)}
+                for r, voters in enumerate([["(every text)"], *tiers])
+            ],
+            "voter_cpu_ms_per_text": dict(self.cpu_ms),
+            "cpu_ms_per_text": self.cpu_ms_total,
+        }
 
 
-def _predict(cores: Sequence[VoterCore], texts: Sequence[str], batch: int) -> dict[str, list[Opinion | None]]:
+def _predict(
+    cores: Sequence[VoterCore], texts: Sequence[str], batch: int, cpu: dict[str, float]
+) -> dict[str, list[Opinion | None]]:
+    """Every core's opinions in batches; adds each core's CPU seconds to `cpu` (keyed by its voters)."""
     out: dict[str, list[Opinion | None]] = {}
     for core in cores:
-        for start in range(0, len(texts), batch):
-            for voter, column in core.predict(texts[start : start + batch]).items():
+        start = time.process_time()
+        for at in range(0, len(texts), batch):
+            for voter, column in core.predict(texts[at : at + batch]).items():
                 out.setdefault(voter, []).extend(column)
+        key = "+".join(core.voters)
+        cpu[key] = cpu.get(key, 0.0) + time.process_time() - start
     return out
 
 
 def decide_all(
     model_dir: Path, texts: list[str], mode: Mode = "cascade", batch: int = 256, policy: ArbiterPolicy | None = None
 ) -> Run:
-    """Decide every text as the running system would; `always`/`never` ask the cascade voters for all/none."""
+    """Decide every text as the running system would: round by round through the cascade's tiers.
+
+    `always`/`never` ask every tier for all texts / for none. CPU time is process time (all threads).
+    """
     cores = load_cores(model_dir)
     policy = policy if policy is not None else load_policy(model_dir)
-    expensive = set(policy.cascade_voters)
-    cheap = [c for c in cores if not set(c.voters) & expensive]
-    costly = [c for c in cores if set(c.voters) & expensive]
-    opinions = _predict(cheap, texts, batch)
+    tier_of = {v: r for r, voters in enumerate(policy.tiers, start=1) for v in voters}
+    by_round = [
+        [c for c in cores if max(tier_of.get(v, 0) for v in c.voters) == r] for r in range(len(policy.tiers) + 1)
+    ]
     versions = {voter: core.version for core in cores for voter in core.voters}
     n = len(texts)
-    asked = np.zeros(n, dtype=bool)
-    if costly and mode == "always":
-        asked[:] = True
-    elif costly and mode == "cascade":
-        first = policy.decide_many(_items(policy, texts, opinions, versions, range(n), True))
-        asked = np.array([isinstance(d, Escalation) for d in first])
-    if asked.any():
-        idx = np.flatnonzero(asked)
-        extra = _predict(costly, [texts[i] for i in idx], batch)
-        for voter, column in extra.items():
-            full: list[Opinion | None] = [None] * n
-            for i, op in zip(idx, column, strict=True):
+    cpu: dict[str, float] = {}
+    scored: dict[str, int] = {}
+    started = time.process_time()
+    opinions = _predict(by_round[0], texts, batch, cpu)
+    rounds = np.zeros(n, dtype=np.int64)
+    for r, tier_cores in enumerate(by_round[1:], start=1):
+        if mode == "never" or not tier_cores:
+            break
+        rows = np.flatnonzero(rounds == r - 1)
+        if mode == "cascade":
+            outcomes = policy.decide_many(_items(texts, opinions, versions, rows, rounds, True))
+            rows = np.array([i for i, o in zip(rows, outcomes, strict=True) if isinstance(o, Escalation)], dtype=int)
+        if not len(rows):
+            break
+        for voter, column in _predict(tier_cores, [texts[i] for i in rows], batch, cpu).items():
+            full: list[Opinion | None] = opinions.get(voter) or [None] * n
+            for i, op in zip(rows, column, strict=True):
                 full[i] = op
             opinions[voter] = full
-    decisions = policy.decide_many(_items(policy, texts, opinions, versions, range(n), False))
-    return Run([d for d in decisions if isinstance(d, Decision)], opinions, asked)
+        for core in tier_cores:
+            scored["+".join(core.voters)] = len(rows)
+        rounds[rows] = r
+    decisions = policy.decide_many(_items(texts, opinions, versions, range(n), rounds, False))
+    total_ms = (time.process_time() - started) * 1000 / max(n, 1)
+    per_text = {k: 1000 * sec / max(scored.get(k, n), 1) for k, sec in cpu.items()}
+    return Run([d for d in decisions if isinstance(d, Decision)], opinions, rounds, per_text, total_ms)
 
 
 def _items(
-    policy: ArbiterPolicy,
     texts: list[str],
     opinions: dict[str, list[Opinion | None]],
     versions: dict[str, str],
     rows: Sequence[int],
+    rounds: np.ndarray,
     may_escalate: bool,
 ) -> list[DecideItem]:
     items = []
@@ -112,7 +151,7 @@ def _items(
             for voter, column in opinions.items()
             if (op := column[i]) is not None
         ]
-        items.append(DecideItem(msg.text_id, votes, texts[i], may_escalate=may_escalate))
+        items.append(DecideItem(msg.text_id, votes, texts[i], may_escalate=may_escalate, rounds=int(rounds[i])))
     return items
 
 
@@ -143,7 +182,8 @@ def collect(
         prediction_sets=[list(d.prediction_set) for d in run.decisions],
         paths=[d.path for d in run.decisions],
         voters_used=[[v.voter for v in d.votes if not v.abstain] for d in run.decisions],
-        llm_called=run.escalated,
+        llm_called=np.array([op is not None for op in run.opinions.get("llm", [None] * len(data))], dtype=bool),
+        cascade=run.cascade_report(policy.tiers),
         slices=slice_config.members(data.texts) if slice_config else {},
         risk_target=policy.config.risk.target,
         set_level=1 - policy.config.alpha,

@@ -52,6 +52,7 @@ class EvalInputs:
     set_level: float = 0.9
     baselines: dict[str, np.ndarray] = field(default_factory=dict)
     abstain_reasons: list[str | None] = field(default_factory=list)
+    cascade: dict[str, Any] = field(default_factory=dict)  # rounds reached, measured CPU cost
     y: NDArray[np.int64] = field(init=False, repr=False)  # y_true as class indices
 
     def __post_init__(self) -> None:
@@ -156,6 +157,7 @@ def _ensemble_metrics(inputs: EvalInputs, slices: dict[str, Any]) -> dict[str, A
         "worst_slice_f1": worst[0],
         "worst_slice": worst[1],
         "llm_call_rate": float(inputs.llm_called.mean()) if n else 0.0,
+        "cascade": inputs.cascade,
         "paths": dict(Counter(inputs.paths)),
         "voter_usage": {v: sum(v in used for used in inputs.voters_used) / max(n, 1) for v in voter_names},
         "abstain_reasons": dict(Counter(r for r in inputs.abstain_reasons if r is not None)),
@@ -229,6 +231,22 @@ def _markdown(m: dict[str, Any], title: str) -> str:
             "## Slices\n\n" + slices + "\n\n![Slices](slices.png)",
             "## Confusion (answered texts)\n\n![Confusion](confusion.png)",
             "## Arbiter\n\n" + _table(["what", "value"], usage) + "\n\n![Voter usage](voter_usage.png)",
+            *([_cascade_section(e["cascade"])] if e.get("cascade") else []),
+        ]
+    )
+
+
+def _cascade_section(cascade: dict[str, Any]) -> str:
+    """Rounds reached and measured CPU cost (process time, so a multi-threaded voter counts every thread)."""
+    rounds = [[r["tier"], ", ".join(r["voters"]), r["reach"]] for r in cascade["rounds"]]
+    costs = [[voter, ms] for voter, ms in cascade["voter_cpu_ms_per_text"].items()]
+    return "\n\n".join(
+        [
+            "## Cascade\n\nShare of texts reaching each round, cheapest first.",
+            _table(["round", "voters", "reach"], rounds),
+            "Measured CPU-ms per text each voter scored; the whole run (voters and arbiter): "
+            f"{_fmt(cascade['cpu_ms_per_text'])} CPU-ms per text.",
+            _table(["voter", "CPU-ms per text"], costs),
         ]
     )
 

@@ -76,8 +76,13 @@ def test_a_bundle_without_llm_artifact_gives_no_core(tmp_path: Path) -> None:
     assert load_core(tmp_path) is None
 
 
-async def test_service_answers_a_vote_request_on_the_memory_bus(bundle: Path) -> None:
-    settings = LLMSettings(bus_url="memory://", model_dir=bundle, llm_base_model=BASE, llm_mode="cascade")
+@pytest.mark.parametrize("url", ["memory://", "redis://127.0.0.1:6379/12"])
+async def test_service_answers_only_its_vote_requests(bundle: Path, url: str) -> None:
+    if url.startswith("redis"):
+        import redis.asyncio as aioredis
+
+        await aioredis.from_url(url).flushdb()
+    settings = LLMSettings(bus_url=url, model_dir=bundle, llm_base_model=BASE, llm_mode="cascade")
     bus = create_bus(settings)
     service = LLMVoterService(bus, settings)
     votes: list[Vote] = []

@@ -258,7 +258,54 @@ def test_cascade_escalates_within_budget_and_the_llm_fixes_what_it_is_asked() ->
     assert answered.mean() > np.mean([not d.abstain for d in decisions(no_cascade, cheap)])
 
 
-def decisions_or_escalations(policy: ArbiterPolicy, votes: dict[str, np.ndarray]) -> list[Decision | Escalation]:
+def test_cost_ordered_cascade_runs_rounds_within_each_tiers_budget_and_records_them() -> None:
+    def data(n: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        votes, y = synthetic(n, seed, llm=True)
+        votes["mid"] = noisy_probs(y, 2.5, np.random.default_rng(seed + 100))
+        return votes, y
+
+    (train, y_train), (cal, y_cal), (test, y_test) = data(2000, 30), data(2000, 31), data(3000, 32)
+    tiers = [{"voters": ["mid"], "budget": 0.4}, {"voters": ["llm"], "budget": 0.15}]
+    config = CONFIG.model_copy(update={"cascade": CascadeConfig.model_validate({"tiers": tiers})})
+    policy = fit_policy(train, y_train, cal, y_cal, CLASSES, HARM, config)
+    assert policy.tiers == [["mid"], ["llm"]] and sorted(policy.sets) == ["cheap", "tier1", "tier2"]
+    risk = policy.calibration_report["risk"]
+    assert risk["certified"] and risk["reach"][0] <= 0.4 and 0 < risk["reach"][1] <= 0.15
+    n = len(y_test)
+    rounds = np.zeros(n, dtype=int)
+    known = {v: np.full_like(test["good"], np.nan) for v in test}
+    for v in ("good", "fair", "noise"):
+        known[v] = test[v]
+    outcomes: list[Decision | Escalation] = []
+    for r in range(3):  # as the service does: decide, ask the next tier for the escalated texts, decide again
+        outcomes = decisions_or_escalations(policy, known, rounds)
+        asked = [i for i, o in enumerate(outcomes) if isinstance(o, Escalation)]
+        assert all(outcomes[i].tier == r + 1 and outcomes[i].voters == policy.tiers[r] for i in asked)
+        if not asked:
+            break
+        voter = policy.tiers[r][0]
+        known[voter][asked] = test[voter][asked]
+        rounds[asked] = r + 1
+    assert 0 < (rounds >= 1).mean() <= 0.4 + 0.03 and 0 < (rounds >= 2).mean() <= 0.15 + 0.03
+    final = [o for o in outcomes if isinstance(o, Decision)]
+    assert len(final) == n
+    answered = np.array([not d.abstain for d in final])
+    wrong = np.array([d.prediction != CLASSES[t] for d, t in zip(final, y_test, strict=True)])
+    assert wrong[answered].mean() <= 0.05
+    for d, r in zip(final, rounds, strict=True):
+        assert [x.tier for x in d.rounds] == list(range(r + 1)) and d.escalated == (r > 0)
+        assert all("asked" in x.reason for x in d.rounds[:-1]) and "asked" not in d.rounds[-1].reason
+    deepest = next(d for d, r in zip(final, rounds, strict=True) if r == 2)
+    assert deepest.rounds[1].voters == ["mid"] and deepest.rounds[2].voters == ["llm"]
+    only_llm = fit_policy(
+        train, y_train, cal, y_cal, CLASSES, HARM, config.model_copy(update={"cascade": CascadeConfig(voters=["llm"])})
+    )
+    assert policy.calibration_report["risk"]["coverage"] >= only_llm.calibration_report["risk"]["coverage"]
+
+
+def decisions_or_escalations(
+    policy: ArbiterPolicy, votes: dict[str, np.ndarray], rounds: np.ndarray | None = None
+) -> list[Decision | Escalation]:
     n = len(next(iter(votes.values())))
     items = [
         DecideItem(
@@ -269,6 +316,7 @@ def decisions_or_escalations(policy: ArbiterPolicy, votes: dict[str, np.ndarray]
                 if not np.isnan(p[i]).any()
             ],
             f"text {i}",
+            rounds=0 if rounds is None else int(rounds[i]),
         )
         for i in range(n)
     ]
