@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 FW := $(BIN)/flockwatch
 
-.PHONY: install data models demo demo-redis test lint typecheck bench asyncapi clean
+.PHONY: install data models demo demo-redis test lint typecheck bench bench-feedback asyncapi clean
 
 install: $(VENV)/.installed
 
@@ -41,6 +41,10 @@ typecheck: install
 
 bench: models
 	$(BIN)/python benchmarks/latency.py --models models/sms/current --out benchmarks/results/latency.json
+
+# feedback events over Redis Streams into Postgres (both local), events/min
+bench-feedback: install
+	$(BIN)/python benchmarks/feedback_ingest.py --out benchmarks/results/feedback_ingest.json
 
 asyncapi: install
 	$(FW) asyncapi --out docs/asyncapi.json

@@ -1,4 +1,5 @@
-"""Latency of POST /predict: embedded (memory bus), over Redis (one process per service), and in-process.
+"""Latency of POST /predict: in-process, embedded (memory bus), and one process per service over Redis and
+over Kafka (a Tansu broker started for the run; join state in Redis, as in docker-compose).
 
 Usage: python benchmarks/latency.py --models models/sms/current --out benchmarks/results/latency.json
 Requests are sent one at a time (low load); texts come from the SMS test split. Results go to a JSON file.
@@ -19,9 +20,9 @@ import httpx
 import numpy as np
 import redis
 from flockwatch.arbiter.app import load_policy
-from flockwatch.cli.demo import free_port
 from flockwatch.common.datasets import read_table, split
 from flockwatch.common.events import TextSubmitted
+from flockwatch.common.kafka_dev import TansuBroker, free_port
 from flockwatch.common.voting import to_vote
 from flockwatch.trainer.evaluate import load_cores
 
@@ -90,6 +91,29 @@ def launch(services: list[list[str]], env: dict[str, str], logs: Path) -> list[s
     return procs
 
 
+def wait_ready(logs: Path, names: list[str], timeout: float = 120) -> None:
+    """Until every worker (not the gateway) printed `ready`: its consumers have their partitions."""
+    deadline = time.monotonic() + timeout
+    for name in names:
+        while "ready" not in (logs / name).read_text().splitlines():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} not ready:\n{(logs / name).read_text()[-2000:]}")
+            time.sleep(0.1)
+
+
+def over_processes(env: dict[str, str], logs: Path, texts: list[str]) -> dict[str, float]:
+    """Regex and classical voters, arbiter and gateway, one process each, on `env`'s bus."""
+    redis.Redis.from_url(REDIS).flushdb()
+    port = free_port()
+    services = [["regex_voter"], ["classical_voter"], ["arbiter"], ["gateway", "--port", str(port)]]
+    procs = launch(services, env, logs)
+    try:
+        wait_ready(logs, [f"{i}-{args[0]}.log" for i, args in enumerate(services[:-1])])
+        return summary(over_http(port, texts))
+    finally:
+        stop(procs)
+
+
 def stop(procs: list[subprocess.Popen[bytes]]) -> None:
     for p in procs:
         p.terminate()
@@ -121,18 +145,12 @@ def main() -> None:
     finally:
         stop(procs)
 
-    redis.Redis.from_url(REDIS).flushdb()
-    port = free_port()
-    renv = {**env, "FLOCKWATCH_BUS_URL": REDIS}
-    procs = launch([["regex_voter"], ["classical_voter"], ["arbiter"], ["gateway", "--port", str(port)]], renv, logs)
-    try:
-        time.sleep(3)
-        results["redis_http"] = summary(over_http(port, texts))
-    finally:
-        stop(procs)
+    results["redis_http"] = over_processes({**env, "FLOCKWATCH_BUS_URL": REDIS}, logs, texts)
+    with TansuBroker(log_dir=logs) as broker:
+        results["kafka_tansu_http"] = over_processes({**env, **broker.env, "FLOCKWATCH_STATE_URL": REDIS}, logs, texts)
 
     base = results["in_process"]["p50_ms"], results["in_process"]["p95_ms"]  # type: ignore[index]
-    for key in ("embedded_http", "redis_http"):
+    for key in ("embedded_http", "redis_http", "kafka_tansu_http"):
         r = results[key]
         r["ratio_p50_vs_in_process"] = r["p50_ms"] / base[0]  # type: ignore[index]
         r["ratio_p95_vs_in_process"] = r["p95_ms"] / base[1]  # type: ignore[index]

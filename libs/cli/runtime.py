@@ -11,6 +11,8 @@ import uvicorn
 from flockwatch.arbiter.app import ArbiterService
 from flockwatch.arbiter.settings import ArbiterSettings
 from flockwatch.classical_voter.app import ClassicalVoterService
+from flockwatch.classical_voter.embedding_app import EmbeddingVoterService
+from flockwatch.classical_voter.settings import EmbeddingSettings
 from flockwatch.common.bus import Bus, create_bus
 from flockwatch.common.service import Service
 from flockwatch.common.settings import CommonSettings
@@ -26,6 +28,7 @@ log = logging.getLogger("flockwatch")
 SERVICES: dict[str, Callable[[Bus, CommonSettings], Service]] = {
     "regex_voter": lambda bus, s: RegexVoterService(bus, s),
     "classical_voter": lambda bus, s: ClassicalVoterService(bus, s),
+    "embedding_voter": lambda bus, s: EmbeddingVoterService(bus, EmbeddingSettings(**s.model_dump())),
     "ws_voter": lambda bus, s: WSVoterService(bus, s),
     "llm_voter": lambda bus, s: LLMVoterService(bus, LLMSettings(**s.model_dump())),
     # the service's own settings: the given common values, its own fields from the environment
@@ -34,13 +37,28 @@ SERVICES: dict[str, Callable[[Bus, CommonSettings], Service]] = {
 ALL = ["gateway", *SERVICES]
 
 
+def _feedback(bus: Bus, settings: CommonSettings) -> Service:
+    # imported when named: alembic, cleanlab and the Postgres pool stay off the other services' paths
+    from flockwatch.feedback.app import FeedbackService
+    from flockwatch.feedback.settings import FeedbackSettings
+
+    return FeedbackService(bus, FeedbackSettings(**settings.model_dump()))
+
+
+# Services that run only when named: they need more than the bus (the feedback service needs Postgres), so
+# the embedded default (`flockwatch serve` with no names, `flockwatch demo`) leaves them out.
+ON_DEMAND: dict[str, Callable[[Bus, CommonSettings], Service]] = {"feedback": _feedback}
+KNOWN = [*ALL, *ON_DEMAND]
+
+
 def build(names: list[str], settings: CommonSettings) -> tuple[Bus, list[Service]]:
     """One bus and the named (non-gateway) services registered on it."""
-    unknown = sorted(set(names) - set(ALL))
+    unknown = sorted(set(names) - set(KNOWN))
     if unknown:
-        raise ValueError(f"unknown service(s) {unknown}; choose from {ALL}")
+        raise ValueError(f"unknown service(s) {unknown}; choose from {KNOWN}")
     bus = create_bus(settings)
-    return bus, [SERVICES[name](bus, settings) for name in names if name != "gateway"]
+    factories = {**SERVICES, **ON_DEMAND}
+    return bus, [factories[name](bus, settings) for name in names if name != "gateway"]
 
 
 async def run_workers(bus: Bus, services: list[Service]) -> None:

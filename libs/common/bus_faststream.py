@@ -11,6 +11,7 @@ from faststream import AckPolicy
 from faststream.kafka import KafkaBroker
 from faststream.nats import JStream, NatsBroker, PullSub
 from faststream.redis import RedisBroker, StreamSub
+from flockwatch.common import kafka_config
 from flockwatch.common.bus import Bus, Route
 from redis.exceptions import ResponseError
 
@@ -57,7 +58,12 @@ class FastStreamBus(Bus):
         super().__init__(*args, **kwargs)
         scheme, url = self.settings.bus_scheme, self.settings.bus_url
         if scheme == "kafka":
-            self.broker: KafkaBroker | RedisBroker | NatsBroker = KafkaBroker(kafka_bootstrap(url), **QUIET)
+            self.broker: KafkaBroker | RedisBroker | NatsBroker = KafkaBroker(
+                kafka_bootstrap(url),
+                client_id=f"flockwatch-{self.settings.instance_id}",
+                **kafka_config.PRODUCER,
+                **QUIET,
+            )
         elif scheme == "redis":
             self.broker = RedisBroker(url, **QUIET)
         else:
@@ -73,14 +79,8 @@ class FastStreamBus(Bus):
         group = self.group_of(route)
         if isinstance(self.broker, KafkaBroker):
             sub = self.broker.subscriber(
-                route.topic,
-                group_id=group,
-                batch=True,
-                max_records=route.max_batch,
-                batch_timeout_ms=max(1, route.max_wait_ms),
-                fetch_max_wait_ms=5,
-                auto_offset_reset="latest" if route.broadcast else "earliest",
-                ack_policy=AckPolicy.ACK,
+                kafka_config.topic(route.topic),
+                **kafka_config.consumer_options(route, group, self.settings.kafka_session_timeout_ms),
                 decoder=raw_batch_decoder,
             )
         elif isinstance(self.broker, RedisBroker):
@@ -146,8 +146,21 @@ class FastStreamBus(Bus):
         if isinstance(self.broker, RedisBroker):
             await self.broker.connect()
             await self._create_redis_groups()
-        await self.broker.start()
+        if isinstance(self.broker, KafkaBroker):
+            await self._start_kafka(self.broker)
+        else:
+            await self.broker.start()
         self._started = True
+
+    @staticmethod
+    async def _start_kafka(broker: KafkaBroker) -> None:
+        # What KafkaBroker.start does, but with the subscribers started together: each one's start waits
+        # until its consumer group has assigned it partitions, which takes a rebalance round (seconds).
+        await broker.connect()
+        await asyncio.gather(*(sub.start() for sub in broker.subscribers))
+        for pub in broker.publishers:
+            await pub.start()
+        broker.running = True
 
     async def stop(self) -> None:
         if self._started:

@@ -7,12 +7,14 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal, cast
 
 from flockwatch.common import telemetry, topics
 from flockwatch.common.artifacts import ArtifactError
 from flockwatch.common.bus import Bus
-from flockwatch.common.events import ModelPublished, TextSubmitted, Vote
+from flockwatch.common.events import ModelPublished, TextSubmitted, Vote, VoteRequested
 from flockwatch.common.settings import CommonSettings
 from flockwatch.common.voting import Opinion, to_vote
 
@@ -44,12 +46,20 @@ class VoterCore(ABC):
 
 
 class VoterService(Service):
-    """Consumes submitted texts in batches, votes with one vectorized call, reloads on ModelPublished."""
+    """Votes on batches of texts with one vectorized call, reloads on ModelPublished.
 
-    def __init__(self, bus: Bus, settings: CommonSettings) -> None:
+    mode "always": on every submitted text; "cascade": only on the arbiter's VoteRequested naming one of its
+    voters (an expensive voter asked when the cheap ones are unsure).
+    """
+
+    def __init__(self, bus: Bus, settings: CommonSettings, mode: Literal["always", "cascade"] = "always") -> None:
         self.settings = settings
         self.core: VoterCore | None = None
-        bus.subscribe(topics.TEXT_SUBMITTED, TextSubmitted, group=self.name)(self.on_texts)
+        self.expired = 0  # cascade requests that arrived past their deadline (not answered)
+        if mode == "always":
+            bus.subscribe(topics.TEXT_SUBMITTED, TextSubmitted, group=self.name)(self.on_texts)
+        else:
+            bus.subscribe(topics.VOTE_REQUESTED, VoteRequested, group=self.name)(self.on_requests)
         bus.subscribe(topics.MODEL_PUBLISHED, ModelPublished, group=self.name, broadcast=True)(self.on_model)
 
     @abstractmethod
@@ -74,6 +84,23 @@ class VoterService(Service):
         core = self.core
         if core is None:
             return []
+        return await self._vote(core, msgs)
+
+    async def on_requests(self, msgs: list[VoteRequested]) -> list[Vote]:
+        """Vote on the texts the arbiter asked this voter about, skipping requests already past their deadline."""
+        core = self.core
+        if core is None:
+            return []
+        now = datetime.now(UTC)
+        wanted = [m for m in msgs if set(m.voters) & set(core.voters)]
+        fresh = [m for m in wanted if (now - m.timestamp).total_seconds() * 1000 < m.deadline_ms]
+        self.expired += len(wanted) - len(fresh)
+        if not fresh:
+            return []
+        # to_vote reads only the text id, which a VoteRequested carries too
+        return await self._vote(core, cast(list[TextSubmitted], fresh))
+
+    async def _vote(self, core: VoterCore, msgs: list[TextSubmitted]) -> list[Vote]:
         start = time.perf_counter()
         opinions = await asyncio.to_thread(core.predict, [m.text for m in msgs])
         per_text_ms = (time.perf_counter() - start) * 1000 / len(msgs)

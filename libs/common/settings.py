@@ -28,6 +28,13 @@ class CommonSettings(BaseSettings):
     batch_max: int = Field(256, ge=1, le=10_000, description="Most messages a handler takes at once.")
     batch_wait_ms: int = Field(3, ge=0, le=1_000, description="Longest a batch waits to fill.")
     dedupe_window: int = Field(100_000, ge=0, description="Message ids remembered to drop redeliveries.")
+    kafka_session_timeout_ms: int = Field(
+        6_000,
+        ge=1_000,
+        le=300_000,
+        description="Kafka: a consumer that dies without leaving keeps its partitions this long "
+        "(stock brokers accept ≥ 6000; the dev broker Tansu also lower, and pauses each join half as long).",
+    )
     state_url: str | None = Field(
         None, description="Redis URL for shared state (arbiter joins, decisions); default: the bus if Redis."
     )

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Sized
+from functools import partial
 from typing import Any, Self
 
 import numpy as np
@@ -42,7 +43,8 @@ def make_features() -> FeatureUnion:
     )
 
 
-def _check_training(texts: Sequence[str], y: Sequence[str], min_per_class: int) -> Counter[str]:
+def check_training(texts: Sized, y: Sequence[str], min_per_class: int) -> Counter[str]:
+    """The class counts; raises TrainingDataError when texts (or feature rows) and labels cannot be used."""
     if len(texts) != len(y):
         raise TrainingDataError(f"{len(texts)} texts but {len(y)} labels")
     counts = Counter(y)
@@ -81,7 +83,7 @@ class ClassicalModel(BaseEstimator):  # type: ignore[misc,unused-ignore]  # skle
 
     def fit(self, texts: Sequence[str], y: Sequence[str]) -> Self:
         """Fit the features once, choose calibration per model, and fit both calibrated models."""
-        counts = _check_training(texts, y, min_per_class=2)
+        counts = check_training(texts, y, min_per_class=2)
         labels = np.asarray(y, dtype=object)
         self.classes_: list[str] = sorted(counts)
         self.voters_: list[str] = list(VOTERS)
@@ -105,7 +107,7 @@ class ClassicalModel(BaseEstimator):  # type: ignore[misc,unused-ignore]  # skle
         if len(texts) == 0:
             return {v: np.empty((0, len(self.classes_))) for v in self.voters_}
         x = self.features_.transform(list(texts))
-        return {v: _normalized(self.models_[v].predict_proba(x)) for v in self.voters_}
+        return {v: normalized(self.models_[v].predict_proba(x)) for v in self.voters_}
 
     def predict(self, texts: Sequence[str]) -> dict[str, list[Opinion]]:
         """One `Opinion` per text from every model."""
@@ -122,7 +124,7 @@ class ClassicalModel(BaseEstimator):  # type: ignore[misc,unused-ignore]  # skle
     ) -> dict[str, NDArray[np.float64]]:
         """Out-of-fold probabilities per model: each fold fits a fresh clone with the chosen calibration."""
         self._check_fitted()
-        _check_training(texts, y, min_per_class=n_splits)
+        check_training(texts, y, min_per_class=n_splits)
         unknown = sorted(set(y) - set(self.classes_))
         if unknown:
             raise TrainingDataError(f"labels not among the fitted classes {self.classes_}: {unknown}")
@@ -174,29 +176,42 @@ class ClassicalModel(BaseEstimator):  # type: ignore[misc,unused-ignore]  # skle
 
     def _compare_methods(self, x: Any, y: NDArray[Any]) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
         """ECE of each method per model on a stratified held-out part; the lowest wins (ties: sigmoid)."""
-        x_fit, x_held, y_fit, y_held = train_test_split(
-            x, y, test_size=self.holdout, stratify=y, random_state=self.random_state
-        )
-        index = {c: i for i, c in enumerate(self.classes_)}
-        held_index = np.array([index[label] for label in y_held])
-        smallest = min(Counter(y_fit.tolist()).values())
         methods: dict[str, str] = {}
         choice: dict[str, dict[str, Any]] = {}
         for voter in VOTERS:
-            ece = {
-                m: expected_calibration_error(
-                    self._calibrated(voter, m, smallest).fit(x_fit, y_fit).predict_proba(x_held), held_index
-                )
-                for m in METHODS
-            }
-            methods[voter] = min(METHODS, key=lambda m: ece[m])
-            choice[voter] = {"method": methods[voter], "reason": "lowest held-out ECE", "ece": ece}
-            choice[voter]["n_held_out"] = len(y_held)
+            calibrated = partial(self._calibrated, voter)
+            choice[voter] = compare_methods(calibrated, x, y, self.classes_, self.holdout, self.random_state)
+            methods[voter] = choice[voter]["method"]
         return methods, choice
 
 
-def _normalized(probs: NDArray[np.float64]) -> NDArray[np.float64]:
+def compare_methods(
+    calibrated: Callable[[str, int], CalibratedClassifierCV],
+    x: Any,
+    y: NDArray[Any],
+    classes: Sequence[str],
+    holdout: float,
+    random_state: int,
+    methods: Sequence[str] = METHODS,
+) -> dict[str, Any]:
+    """ECE of each calibration method on a stratified held-out part; the lowest wins (ties: the first).
+
+    `calibrated(method, smallest_class)` builds the unfitted calibrated model.
+    """
+    x_fit, x_held, y_fit, y_held = train_test_split(x, y, test_size=holdout, stratify=y, random_state=random_state)
+    index = {c: i for i, c in enumerate(classes)}
+    held_index = np.array([index[label] for label in y_held])
+    smallest = min(Counter(y_fit.tolist()).values())
+    ece = {
+        m: expected_calibration_error(calibrated(m, smallest).fit(x_fit, y_fit).predict_proba(x_held), held_index)
+        for m in methods
+    }
+    method = min(methods, key=lambda m: ece[m])
+    return {"method": method, "reason": "lowest held-out ECE", "ece": ece, "n_held_out": len(y_held)}
+
+
+def normalized(probs: NDArray[np.float64]) -> NDArray[np.float64]:
     """Rows rescaled to sum to 1 (calibrators can drift by rounding)."""
     probs = np.asarray(probs, dtype=np.float64)
-    normalized: NDArray[np.float64] = probs / probs.sum(axis=1, keepdims=True)
-    return normalized
+    out: NDArray[np.float64] = probs / probs.sum(axis=1, keepdims=True)
+    return out

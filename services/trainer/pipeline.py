@@ -51,6 +51,8 @@ class TrainConfig:
     llm: Path | None = None
     llm_base: Path = Path("models/base/smollm2-135m-instruct")
     folds: int = 5
+    # a local sentence-transformers folder: adds the `minilm` embedding voter (None: no embedding voter)
+    embedding: Path | None = None
 
 
 def _labels(config: TrainConfig) -> LabelConfig:
@@ -94,10 +96,13 @@ def train(config: TrainConfig, progress: Progress = lambda _: None) -> Path:
     model = ClassicalModel().fit(train_set.texts, train_set.labels)
     progress(f"classical voters: {config.folds}-fold out-of-fold outputs")
     oof.update(
-        _reorder(model.oof_proba(train_set.texts, train_set.labels, n_splits=config.folds, seed=0), model, classes)
+        _reorder(
+            model.oof_proba(train_set.texts, train_set.labels, n_splits=config.folds, seed=0), model.classes_, classes
+        )
     )
-    cal.update(_reorder(model.predict_proba_all(cal_set.texts), model, classes))
+    cal.update(_reorder(model.predict_proba_all(cal_set.texts), model.classes_, classes))
     joblib.dump(model, staging / "classical.joblib")
+    embedding_report = _embedding(config, fitted, classes, progress)
     ws_report = _weak_supervision(config, labels, fitted, progress)
     llm_report = _llm(config, labels, fitted, progress)
 
@@ -140,6 +145,8 @@ def train(config: TrainConfig, progress: Progress = lambda _: None) -> Path:
         metrics["ws_choice"] = ws_report
     if llm_report:
         metrics["llm_training"] = llm_report
+    if embedding_report:
+        metrics["embedding_training"] = embedding_report
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
     (staging / "model_card.md").write_text(model_card(manifest, metrics), encoding="utf-8")
     write_manifest(staging, manifest.model_copy(update={"metrics": _headline(metrics)}))
@@ -156,6 +163,28 @@ class _Fitted:
     oof: dict[str, np.ndarray] = field(default_factory=dict)
     cal: dict[str, np.ndarray] = field(default_factory=dict)
     components: dict[str, str] = field(default_factory=dict)
+
+
+def _embedding(config: TrainConfig, fitted: _Fitted, classes: list[str], progress: Progress) -> dict[str, Any]:
+    """The sentence-embedding voter: each text embedded once; K-fold out-of-fold on train, outputs on calibration."""
+    if config.embedding is None:
+        return {}
+    from flockwatch.classical_voter.embedding import VOTER
+    from flockwatch.classical_voter.embedding_app import train_embedding
+
+    train_set = fitted.train_set
+    result = train_embedding(
+        config.embedding,
+        (train_set.texts, train_set.labels),
+        fitted.cal_set.texts,
+        fitted.staging,
+        folds=config.folds,
+        progress=progress,
+    )
+    fitted.oof.update(_reorder({VOTER: result.oof}, result.classes, classes))
+    fitted.cal.update(_reorder({VOTER: result.cal}, result.classes, classes))
+    fitted.components[VOTER] = f"{VOTER}-{new_version(config.data.sha256())}"
+    return result.report
 
 
 def _weak_supervision(config: TrainConfig, labels: LabelConfig, fitted: _Fitted, progress: Progress) -> dict[str, Any]:
@@ -238,9 +267,9 @@ def _dump_yaml(data: dict[str, Any], path: Path) -> None:
     path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
 
 
-def _reorder(probs: dict[str, np.ndarray], model: ClassicalModel, classes: list[str]) -> dict[str, np.ndarray]:
+def _reorder(probs: dict[str, np.ndarray], model_classes: list[str], classes: list[str]) -> dict[str, np.ndarray]:
     """Columns in the label config's order (the model's are sorted)."""
-    idx = [model.classes_.index(c) if c in model.classes_ else -1 for c in classes]
+    idx = [model_classes.index(c) if c in model_classes else -1 for c in classes]
     out = {}
     for voter, p in probs.items():
         cols = [p[:, i] if i >= 0 else np.zeros(len(p)) for i in idx]

@@ -13,7 +13,7 @@ from flockwatch.common.bus_faststream import FastStreamBus
 from flockwatch.common.events import DeadLetter, Event, TextSubmitted, Vote
 from flockwatch.common.settings import CommonSettings
 
-CONNECTED = ["memory://", "redis://127.0.0.1:6379/8", "nats://127.0.0.1:4222"]
+CONNECTED = ["memory://", "redis://127.0.0.1:6379/8", "nats://127.0.0.1:4222", "kafka (the session's Tansu)"]
 
 
 def voter_and_sinks(bus: Bus, group: str) -> tuple[list[Vote], list[DeadLetter], list[int]]:
@@ -74,7 +74,11 @@ async def until(condition: object, seconds: float = 10.0) -> None:
 
 
 @pytest.mark.parametrize("url", CONNECTED)
-async def test_batches_flow_poison_goes_to_dead_letter_and_repeats_are_dropped(url: str) -> None:
+async def test_batches_flow_poison_goes_to_dead_letter_and_repeats_are_dropped(
+    url: str, request: pytest.FixtureRequest
+) -> None:
+    if url.startswith("kafka"):
+        url = request.getfixturevalue("tansu").url
     if url.startswith("redis"):
         import redis.asyncio as aioredis
 

@@ -12,11 +12,11 @@ from collections.abc import Iterator
 import asyncpg
 import docker
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from flockwatch.common import topics
 from flockwatch.common.bus import create_bus
 from flockwatch.common.bus_faststream import FastStreamBus
 from flockwatch.common.events import Event, TextSubmitted, Vote
+from flockwatch.common.kafka_config import create_topics
 from flockwatch.common.settings import CommonSettings
 from testcontainers.community.kafka import KafkaContainer
 from testcontainers.community.postgres import PostgresContainer
@@ -41,19 +41,6 @@ def kafka_bootstrap() -> Iterator[str]:
 def postgres_url() -> Iterator[str]:
     with PostgresContainer(POSTGRES_IMAGE, driver=None) as postgres:
         yield postgres.get_connection_url()
-
-
-async def create_topics(bootstrap: str, names: list[str]) -> None:
-    """Create the topics up front: a consumer of a topic that does not exist yet waits for a metadata refresh."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        existing = set(await admin.list_topics())
-        await admin.create_topics(
-            [NewTopic(n, num_partitions=3, replication_factor=1) for n in names if n not in existing]
-        )
-    finally:
-        await admin.close()
 
 
 async def test_a_text_goes_round_through_kafka(kafka_bootstrap: str) -> None:

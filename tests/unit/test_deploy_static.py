@@ -18,9 +18,10 @@ import pytest
 import yaml
 from flockwatch.arbiter.settings import ArbiterSettings
 from flockwatch.cli.main import app
-from flockwatch.cli.runtime import ALL
+from flockwatch.cli.runtime import ALL, KNOWN
 from flockwatch.common import topics
 from flockwatch.common.settings import CommonSettings
+from flockwatch.feedback.settings import FeedbackSettings
 from flockwatch.gateway.settings import GatewaySettings
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -30,7 +31,11 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
 DOCKERFILE_REGEX = ROOT / "deploy" / "Dockerfile.regex"
-SETTINGS: dict[str, type[BaseSettings]] = {"gateway": GatewaySettings, "arbiter": ArbiterSettings}
+SETTINGS: dict[str, type[BaseSettings]] = {
+    "gateway": GatewaySettings,
+    "arbiter": ArbiterSettings,
+    "feedback": FeedbackSettings,
+}
 HEAVY = {"torch", "snorkel", "mapie", "transformers", "peft", "bitsandbytes"}
 # Imported on the regex voter's path only when installed (by faststream, fast-depends and joblib).
 OPTIONAL = {"opentelemetry-sdk", "orjson", "psutil"}
@@ -135,8 +140,8 @@ def test_services_start_after_topics_and_models(services: dict[str, dict[str, An
 
 def test_serve_commands_name_real_services(services: dict[str, dict[str, Any]]) -> None:
     served = {call[1] for s in _ours(services).values() for call in _flockwatch_calls(s) if call[0] == "serve"}
-    assert served == set(ALL)
-    for name in ALL:
+    assert served == set(KNOWN)
+    for name in KNOWN:
         assert _flockwatch_calls(services[name]) == [["serve", name]]
 
 
@@ -149,7 +154,7 @@ def test_flockwatch_subcommands_exist(services: dict[str, dict[str, Any]]) -> No
 def test_env_vars_are_settings_fields(services: dict[str, dict[str, Any]]) -> None:
     known = {
         f"{cls.model_config.get('env_prefix', '')}{field}".upper()
-        for cls in (CommonSettings, GatewaySettings, ArbiterSettings)
+        for cls in (CommonSettings, GatewaySettings, ArbiterSettings, FeedbackSettings)
         for field in cls.model_fields
     }
     for name, service in _ours(services).items():
@@ -191,6 +196,18 @@ def test_kafka_init_creates_every_topic(services: dict[str, dict[str, Any]]) -> 
     created = script.split("for topic in", 1)[1].split(";", 1)[0].split()
     assert sorted(created) == sorted(topics.ALL)
     assert "--partitions 6" in script
+
+
+def test_feedback_service_reaches_the_compose_postgres_and_publishes_its_port(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    feedback = services["feedback"]
+    env = feedback["environment"]
+    assert urlsplit(env["FLOCKWATCH_FEEDBACK_DATABASE_URL"]).hostname == "postgres"
+    assert feedback["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert feedback["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully"
+    assert env["FLOCKWATCH_FEEDBACK_HOST"] == "0.0.0.0"
+    assert f"{env['FLOCKWATCH_FEEDBACK_PORT']}:{env['FLOCKWATCH_FEEDBACK_PORT']}" in feedback["ports"]
 
 
 def test_gateway_listens_on_the_published_port(services: dict[str, dict[str, Any]]) -> None:

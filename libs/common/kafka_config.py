@@ -1,0 +1,88 @@
+"""Kafka in one place: partitions per topic, topic creation, and the consumer/producer settings of every service.
+
+Tuned for low latency on a lightly loaded cluster: a consumer's empty fetch returns after 5 ms, batches go
+out as soon as the handler returns them, and a killed consumer's partitions move after its session (6 s).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Final
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from faststream import AckPolicy
+from faststream.kafka.schemas import Topic
+from flockwatch.common import topics
+from flockwatch.common.bus import Route
+
+# Every message is keyed by its text id, and every topic has the same partition count, so one text's
+# texts, votes, requests and decision sit on the same partition number of each topic (Kafka's default
+# partitioner: murmur2(key) mod partitions).
+PARTITIONS: Final = 6
+DEV_REPLICATION: Final = 1  # topics the services or the dev broker create; production provisions its own
+
+# The broker holds an empty fetch this long: one hop's added latency when idle, and the idle polling rate.
+FETCH_WAIT_MS: Final = 5
+# Rare, not latency-critical topics: no need for 200 fetches a second per idle consumer.
+SLOW_TOPICS: Final = frozenset({topics.MODEL_PUBLISHED, topics.FEEDBACK_SUBMITTED, topics.DEAD_LETTER})
+SLOW_FETCH_WAIT_MS: Final = 500
+
+# Group membership. A consumer that dies without leaving (SIGKILL, lost host) keeps its partitions until its
+# session times out: `CommonSettings.kafka_session_timeout_ms`, 6 s by default, the lowest session stock Kafka
+# brokers accept (group.min.session.timeout.ms). Members learn of a rebalance at their next heartbeat; a
+# rebalance waits for live members to rejoin at most a session (aiokafka's rebalance_timeout_ms default).
+MAX_HEARTBEAT_INTERVAL_MS: Final = 1_000
+MAX_POLL_INTERVAL_MS: Final = 300_000  # an LLM batch on CPU may take minutes; longer and the member is evicted
+
+CONSUMER: Final[dict[str, Any]] = {
+    "fetch_min_bytes": 1,
+    "max_poll_interval_ms": MAX_POLL_INTERVAL_MS,
+    # At least once: a batch's offsets are committed only after its outputs (votes, decisions, dead
+    # letters) were published and acknowledged by the broker; when publishing fails, the consumer
+    # rewinds to the batch and it is handled again (repeats are dropped downstream by message id).
+    "ack_policy": AckPolicy.NACK_ON_ERROR,
+}
+
+PRODUCER: Final[dict[str, Any]] = {
+    "acks": "all",  # a published vote or decision survives a leader change before offsets move on
+    "linger_ms": 0,  # send at once; batching comes from the handlers' batches, published concurrently
+    "request_timeout_ms": 10_000,
+}
+
+
+def topic(name: str) -> Topic:
+    """A subscribed topic as FastStream declares it when missing: with the partition count the services expect."""
+    return Topic(name, num_partitions=PARTITIONS, replication_factor=DEV_REPLICATION)
+
+
+def consumer_options(route: Route[Any], group: str, session_timeout_ms: int) -> dict[str, Any]:
+    """FastStream batch-subscriber arguments for one route, consuming as `group`."""
+    return {
+        **CONSUMER,
+        "group_id": group,
+        "batch": True,
+        "max_records": route.max_batch,
+        "batch_timeout_ms": max(1, route.max_wait_ms),  # FastStream also sleeps this long after an empty poll
+        "fetch_max_wait_ms": SLOW_FETCH_WAIT_MS if route.topic in SLOW_TOPICS else FETCH_WAIT_MS,
+        # a work group's first member starts at the beginning, so nothing published before it is lost;
+        # a broadcast (per-instance) group only wants what comes next
+        "auto_offset_reset": "latest" if route.broadcast else "earliest",
+        "session_timeout_ms": session_timeout_ms,
+        "heartbeat_interval_ms": min(MAX_HEARTBEAT_INTERVAL_MS, session_timeout_ms // 3),
+    }
+
+
+async def create_topics(bootstrap: str | list[str], names: Iterable[str] = topics.ALL) -> None:
+    """Create the topics that are missing, `PARTITIONS` partitions each (as compose's kafka-init does)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="flockwatch-admin")
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [n for n in names if n not in existing]
+        if missing:
+            await admin.create_topics([NewTopic(n, PARTITIONS, DEV_REPLICATION) for n in missing])
+    finally:
+        await admin.close()
+
+
+__all__ = ["PARTITIONS", "consumer_options", "create_topics", "topic"]

@@ -1,0 +1,24 @@
+"""Embedding voter settings: environment variables `FLOCKWATCH_EMBEDDING_*`, plus the common `FLOCKWATCH_*` ones."""
+
+from pathlib import Path
+from typing import Literal
+
+from flockwatch.common.settings import CommonSettings
+from pydantic import Field
+
+
+class EmbeddingSettings(CommonSettings):
+    """When the embedding voter votes, and how it embeds."""
+
+    embedding_mode: Literal["cascade", "always"] = Field(
+        "cascade",
+        description="cascade: vote only when the arbiter asks (VoteRequested naming the voter); always: every text.",
+    )
+    embedding_encoder: Path | None = Field(
+        None,
+        description="The sentence-transformers folder; default: the one the bundle records (same sha256 required).",
+    )
+    embedding_batch_size: int = Field(64, ge=1, le=1024, description="Texts per encoder forward pass.")
+    embedding_cache_size: int = Field(
+        20_000, ge=0, description="Embeddings kept by text hash (LRU; 0: no cache); ≈ 1.5 KB each for MiniLM."
+    )

@@ -1,0 +1,1 @@
+"""The feedback service: corrections in, review queue, label hygiene, rule telemetry, clean training rows."""

@@ -1,0 +1,141 @@
+"""Services as OS processes (`flockwatch serve NAME`), and a run of texts through them while some are killed."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from flockwatch.common import topics
+from flockwatch.common.bus import create_bus
+from flockwatch.common.events import Decision, Event
+from flockwatch.common.kafka_dev import free_port
+from flockwatch.common.settings import CommonSettings
+
+FLOCKWATCH = str(Path(sys.executable).with_name("flockwatch"))
+# (service, instance): two classical voters and two arbiters, so that each kind can lose one
+WORKERS = [
+    ("regex_voter", "regex-1"),
+    ("classical_voter", "classical-1"),
+    ("classical_voter", "classical-2"),
+    ("ws_voter", "ws-1"),
+    ("arbiter", "arbiter-1"),
+    ("arbiter", "arbiter-2"),
+]
+
+
+class Proc:
+    """A service process started with `flockwatch serve NAME`."""
+
+    def __init__(self, name: str, instance: str, env: dict[str, str], logs: Path, port: int | None = None) -> None:
+        self.instance = instance
+        self.log = logs / f"{instance}.log"
+        args = [FLOCKWATCH, "serve", name, *(["--port", str(port)] if port else [])]
+        with self.log.open("w") as out:  # a file, not a pipe: a full pipe would block the service
+            self.popen = subprocess.Popen(
+                args, env={**env, "FLOCKWATCH_INSTANCE_ID": instance}, stdout=out, stderr=subprocess.STDOUT
+            )
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Block until the worker prints `ready`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if "ready" in self.log.read_text().splitlines():
+                return
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"{self.instance} exited with {self.popen.returncode}:\n{self.log.read_text()}")
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.instance} not ready:\n{self.log.read_text()}")
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye, no acks, no leaving the consumer group."""
+        self.popen.send_signal(signal.SIGKILL)
+        self.popen.wait()
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+
+
+@dataclass
+class Run:
+    """What came out of a run: every decision the downstream watcher saw, and the gateway's answer for the last."""
+
+    ids: list[str]
+    decisions: list[Decision]
+    last_polled: int
+
+
+async def run_texts(env: dict[str, str], logs: Path, kill_at: dict[int, list[str]], n: int = 200) -> Run:
+    """Start WORKERS and a gateway on `env`'s bus, submit `n` texts in bursts of 20 and SIGKILL the named
+    instances before the burst starting at each `kill_at` index; collect the decisions."""
+    port = free_port()
+    workers = {instance: Proc(name, instance, env, logs) for name, instance in WORKERS}
+    gateway = Proc("gateway", "gateway-1", env, logs, port)
+    decisions: list[Decision] = []
+    watcher = create_bus(CommonSettings(bus_url=env["FLOCKWATCH_BUS_URL"], instance_id="test-watcher"))
+
+    @watcher.subscribe(topics.DECISION_MADE, Decision, group="downstream-watcher")
+    async def keep(msgs: list[Decision]) -> list[Event]:
+        decisions.extend(msgs)
+        return []
+
+    ids = [f"text-{i:03d}" for i in range(n)]
+    try:
+        for proc in workers.values():
+            proc.wait_ready()
+        async with watcher, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            await _until_healthy(client)
+            texts = [f"message {i}: call me when you get home, or claim your prize now" for i in range(n)]
+            for start in range(0, n, 20):
+                for instance in kill_at.get(start, []):
+                    workers[instance].kill()
+                replies = await asyncio.gather(
+                    *(
+                        client.post("/texts", json={"text": t, "text_id": i})
+                        for t, i in zip(texts[start : start + 20], ids[start : start + 20], strict=True)
+                    )
+                )
+                assert {r.status_code for r in replies} == {202}
+                await asyncio.sleep(0.05)
+            for _ in range(600):
+                if len({d.text_id for d in decisions}) >= n:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(2)  # time for any duplicate to show up
+            polled = await client.get(f"/decisions/{ids[-1]}")
+    finally:
+        for proc in [gateway, *workers.values()]:
+            proc.stop()
+    return Run(ids, decisions, polled.status_code)
+
+
+def assert_one_decision_each(run: Run, arbiters: set[str]) -> None:
+    """Every text got exactly one decision, the gateway knows the last one, and `arbiters` all decided some."""
+    counts = Counter(d.text_id for d in run.decisions)
+    assert set(counts) == set(run.ids), f"missing decisions: {sorted(set(run.ids) - set(counts))[:5]}"
+    assert max(counts.values()) == 1, f"duplicated: {[k for k, v in counts.items() if v > 1][:5]}"
+    assert run.last_polled == 200
+    by_arbiter = Counter(d.arbiter_instance for d in run.decisions)
+    assert set(by_arbiter) == arbiters, by_arbiter  # the arbiters shared the load
+
+
+async def _until_healthy(client: httpx.AsyncClient) -> None:
+    for _ in range(300):
+        try:
+            if (await client.get("/health")).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        await asyncio.sleep(0.1)
+    raise TimeoutError("gateway did not come up")
