@@ -9,18 +9,21 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class EarlyStopping(BaseModel):
-    """Evaluate every `eval_every` steps on the validation split; stop when its ECE stops improving."""
+    """Evaluate every `eval_every` steps on the validation split; stop when the best checkpoint stops changing.
+
+    The best checkpoint is the lowest-ECE one among those within `f1_tolerance` of the best macro-F1 seen.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     eval_every: int = Field(20, ge=1, description="Optimizer steps between validation evaluations.")
-    patience: int = Field(2, ge=1, description="Evaluations without a better ECE before training stops.")
+    patience: int = Field(2, ge=1, description="Evaluations without a new best checkpoint before training stops.")
     min_delta: float = Field(0.002, ge=0, description="An ECE must drop by more than this to count as better.")
     f1_tolerance: float = Field(
         0.02,
         ge=0,
         le=1,
-        description="A checkpoint is only 'better' if its macro-F1 is within this of the best seen: a constant "
+        description="Only checkpoints within this of the best macro-F1 of all compete on ECE: a constant "
         "prior-matching predictor has a low ECE and no skill.",
     )
     val_max: int = Field(256, ge=8, description="Validation texts used for the ECE tracking.")

@@ -107,7 +107,7 @@ def train_lora(
     out_dir: Path,
     progress: Callable[[str], None] = lambda _: None,
 ) -> LoraResult:
-    """Train a LoRA adapter, keep the checkpoint with the best validation ECE, fit a temperature, save to out_dir."""
+    """Train a LoRA adapter, keep the best validation checkpoint (`_Checkpoints`), fit a temperature, save it."""
     import torch
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
@@ -155,7 +155,7 @@ def train_lora(
     core = LLMCore(backend, tuple(labels.names), "training", 1.0, config.min_label_mass)
 
     history: list[dict[str, Any]] = []
-    best: dict[str, Any] = {"ece": float("inf"), "f1": -1.0, "step": 0, "state": None}
+    checkpoints = _Checkpoints(es.f1_tolerance, es.min_delta)
     stale, step, rng = 0, 0, random.Random(config.seed)
 
     def checkpoint() -> bool:
@@ -167,13 +167,8 @@ def train_lora(
         f1 = metrics["macro_f1"] or 0.0
         history.append({"step": step, "seconds": round(time.perf_counter() - started, 1), **metrics})
         progress(f"step {step}/{total}: val ECE {ece:.4f} macro-F1 {f1:.3f} invalid {metrics['invalid']}")
-        best_f1 = max(best["f1"], f1)
-        if ece < best["ece"] - es.min_delta and f1 >= best_f1 - es.f1_tolerance or best["state"] is None:
-            best.update(ece=ece, f1=f1, step=step, state=_copy(get_peft_model_state_dict(model)))
-            stale = 0
-        else:
-            best["f1"] = best_f1
-            stale += 1
+        improved = checkpoints.add(step, f1, ece, _copy(get_peft_model_state_dict(model)))
+        stale = 0 if improved else stale + 1
         return stale >= es.patience
 
     train_started = time.perf_counter()
@@ -199,7 +194,8 @@ def train_lora(
     if not history or history[-1]["step"] != step:
         checkpoint()
     train_seconds = time.perf_counter() - train_started
-    set_peft_model_state_dict(model, best["state"])
+    best = checkpoints.best
+    set_peft_model_state_dict(model, best.state)
     model.eval()
 
     progress("fitting the temperature")
@@ -216,7 +212,7 @@ def train_lora(
         train_seconds=round(train_seconds, 1),
         total_seconds=round(time.perf_counter() - started, 1),
         steps=step,
-        best_step=best["step"],
+        best_step=best.step,
         n_train=len(keep),
         n_abstain_examples=n_abstain,
         temperature=core.temperature,
@@ -226,6 +222,42 @@ def train_lora(
     )
     _write_llm_json(out_dir, prompt, config, base_model, result)
     return result
+
+
+@dataclass
+class _Checkpoint:
+    step: int
+    f1: float
+    ece: float
+    state: dict[str, Any]
+
+
+@dataclass
+class _Checkpoints:
+    """Every validation checkpoint (LoRA states are small); the best is the lowest-ECE one among those whose
+    macro-F1 is within `f1_tolerance` of the best F1 of all checkpoints, judged again after each one.
+
+    A low ECE alone is no skill (a prior-matching predictor is calibrated), and the temperature fitted
+    afterwards repairs much of the calibration, so a checkpoint far behind on F1 never wins on ECE.
+    """
+
+    f1_tolerance: float
+    min_delta: float
+    seen: list[_Checkpoint] = field(default_factory=list)
+
+    @property
+    def best(self) -> _Checkpoint:
+        top = max(c.f1 for c in self.seen)
+        eligible = [c for c in self.seen if c.f1 >= top - self.f1_tolerance]
+        lowest = min(c.ece for c in eligible)
+        # within min_delta of the lowest ECE, prefer the better F1
+        return max((c for c in eligible if c.ece <= lowest + self.min_delta), key=lambda c: c.f1)
+
+    def add(self, step: int, f1: float, ece: float, state: dict[str, Any]) -> bool:
+        """Record a checkpoint; True when it is the new best (training goes on)."""
+        before = self.best if self.seen else None
+        self.seen.append(_Checkpoint(step, f1, ece, state))
+        return self.best is not before
 
 
 def _copy(state: dict[str, Any]) -> dict[str, Any]:

@@ -123,3 +123,18 @@ def test_lora_yaml_errors_name_file_and_line(tmp_path: object) -> None:
     path.write_text("r: 16\ndropout: 1.5\n")
     with pytest.raises(ConfigError, match=r"llm_lora.yaml:2: dropout"):
         LoraConfig.load(path)
+
+
+def test_best_checkpoint_is_the_calibrated_one_among_the_skilled() -> None:
+    from flockwatch.llm_voter.lora import _Checkpoints
+
+    # the validation history of a real SMS run: a low ECE at step 79 with far less skill must not win,
+    # and neither may step 40, which was the best only until step 60 raised the F1 bar
+    checkpoints = _Checkpoints(f1_tolerance=0.02, min_delta=0.002)
+    history = [(20, 0.454, 0.132), (40, 0.717, 0.059), (60, 0.844, 0.063), (79, 0.699, 0.047)]
+    improved = [checkpoints.add(step, f1, ece, {"step": step}) for step, f1, ece in history]
+    assert improved == [True, True, True, False] and checkpoints.best.step == 60
+    checkpoints.add(99, 0.835, 0.030, {})  # as skilled (within the tolerance) and better calibrated
+    assert checkpoints.best.step == 99
+    checkpoints.add(119, 0.84, 0.031, {})  # within min_delta of the lowest ECE: the better F1 wins
+    assert checkpoints.best.step == 119
