@@ -102,10 +102,10 @@ def wait_ready(logs: Path, names: list[str], timeout: float = 120) -> None:
 
 
 def over_processes(env: dict[str, str], logs: Path, texts: list[str]) -> dict[str, float]:
-    """Regex and classical voters, arbiter and gateway, one process each, on `env`'s bus."""
+    """The bundle's first-stage voters (regex, classical, ws), arbiter and gateway, one process each, on `env`'s bus."""
     redis.Redis.from_url(REDIS).flushdb()
     port = free_port()
-    services = [["regex_voter"], ["classical_voter"], ["arbiter"], ["gateway", "--port", str(port)]]
+    services = [["regex_voter"], ["classical_voter"], ["ws_voter"], ["arbiter"], ["gateway", "--port", str(port)]]
     procs = launch(services, env, logs)
     try:
         wait_ready(logs, [f"{i}-{args[0]}.log" for i, args in enumerate(services[:-1])])

@@ -67,6 +67,13 @@ class Proc:
                 self.popen.kill()
 
 
+def settings_of(env: dict[str, str], **overrides: str) -> CommonSettings:
+    """The common settings a process with environment `env` reads."""
+    names = {f"FLOCKWATCH_{name.upper()}": name for name in CommonSettings.model_fields}
+    given = {names[key]: value for key, value in env.items() if key in names}
+    return CommonSettings(**{**given, **overrides})
+
+
 @dataclass
 class Run:
     """What came out of a run: every decision the downstream watcher saw, and the gateway's answer for the last."""
@@ -83,7 +90,7 @@ async def run_texts(env: dict[str, str], logs: Path, kill_at: dict[int, list[str
     workers = {instance: Proc(name, instance, env, logs) for name, instance in WORKERS}
     gateway = Proc("gateway", "gateway-1", env, logs, port)
     decisions: list[Decision] = []
-    watcher = create_bus(CommonSettings(bus_url=env["FLOCKWATCH_BUS_URL"], instance_id="test-watcher"))
+    watcher = create_bus(settings_of(env, instance_id="test-watcher"))
 
     @watcher.subscribe(topics.DECISION_MADE, Decision, group="downstream-watcher")
     async def keep(msgs: list[Decision]) -> list[Event]:

@@ -16,6 +16,7 @@ from flockwatch.common.yamlconfig import ConfigError
 from flockwatch.feedback.cli import feedback_app
 from flockwatch.llm_voter.cli import llm_app, train_lora_cmd
 from flockwatch.regex_voter.cli import rules_app
+from flockwatch.trainer.cli import models_app, retrain
 from flockwatch.ws_voter.cli import lf_app
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -28,6 +29,8 @@ app.add_typer(rules_app, name="rules", help="Check and explain regex rule files.
 app.add_typer(lf_app, name="lf", help="Inspect the weak-supervision voter's labeling functions.")
 app.add_typer(llm_app, name="llm", help="The LLM voter: base model set-up.")
 app.add_typer(feedback_app, name="feedback", help="Feedback: migrate the schema, check labels, export training rows.")
+app.add_typer(models_app, name="models", help="Model versions: list, show, compare, rollback.")
+app.command("retrain")(retrain)
 app.command("train-lora")(train_lora_cmd)
 app.command("asyncapi")(asyncapi)
 app.command("kafka")(kafka)
@@ -69,7 +72,7 @@ def train(
     embedding: Annotated[
         bool,
         typer.Option(
-            "--embedding/--no-embedding", help="Add the sentence-embedding voter minilm (about +1–3 min on 2 cores)"
+            "--embedding/--no-embedding", help="Add the sentence-embedding voter minilm (about +3–4 min on 2 cores)"
         ),
     ] = False,
     embedding_model: Annotated[
@@ -78,13 +81,13 @@ def train(
     ] = None,
 ) -> None:
     """Train every configured voter and the arbiter; evaluate on the held-out test split."""
-    from flockwatch.classical_voter.encoder import packaged_minilm
+    from flockwatch.classical_voter.encoder import checked_folder, packaged_minilm
     from flockwatch.trainer.pipeline import TrainConfig
     from flockwatch.trainer.pipeline import train as run_train
 
     try:
         dataset = read_table(data, text_col, label_col)
-        encoder = embedding_model or (packaged_minilm() if embedding else None)
+        encoder = checked_folder(embedding_model) if embedding_model else packaged_minilm() if embedding else None
         config = TrainConfig(
             dataset, out, out.name, labels, rules, slices, conformal, lfs, llm, llm_base, embedding=encoder
         )
@@ -135,7 +138,7 @@ def evaluate(
 def serve(
     services: Annotated[
         list[str] | None,
-        typer.Argument(help="gateway, regex_voter, classical_voter, arbiter, …; feedback only when named"),
+        typer.Argument(help="gateway, regex_voter, classical_voter, arbiter, …; feedback and trainer only when named"),
     ] = None,
     port: Annotated[int | None, typer.Option(help="Gateway port (FLOCKWATCH_GATEWAY_PORT)")] = None,
 ) -> None:

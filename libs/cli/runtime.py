@@ -45,9 +45,16 @@ def _feedback(bus: Bus, settings: CommonSettings) -> Service:
     return FeedbackService(bus, FeedbackSettings(**settings.model_dump()))
 
 
-# Services that run only when named: they need more than the bus (the feedback service needs Postgres), so
+def _trainer(bus: Bus, settings: CommonSettings) -> Service:
+    from flockwatch.trainer.app import TrainerService
+    from flockwatch.trainer.settings import TrainerSettings
+
+    return TrainerService(bus, TrainerSettings(**settings.model_dump()))
+
+
+# Services that run only when named: they need more than the bus (feedback and trainer need Postgres), so
 # the embedded default (`flockwatch serve` with no names, `flockwatch demo`) leaves them out.
-ON_DEMAND: dict[str, Callable[[Bus, CommonSettings], Service]] = {"feedback": _feedback}
+ON_DEMAND: dict[str, Callable[[Bus, CommonSettings], Service]] = {"feedback": _feedback, "trainer": _trainer}
 KNOWN = [*ALL, *ON_DEMAND]
 
 

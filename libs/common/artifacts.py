@@ -109,10 +109,14 @@ def publish_dir(staging: Path, root: Path, version: str) -> Path:
         shutil.rmtree(target)
     root.mkdir(parents=True, exist_ok=True)
     shutil.move(str(staging), target)
-    current = root / "current"
+    point_current(root, version)
+    return target
+
+
+def point_current(root: Path, version: str) -> None:
+    """Atomically point `root/current` at `root/version` (a relative symlink, replaced in one rename)."""
     tmp = root / ".current.tmp"
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
     tmp.symlink_to(version)
-    tmp.replace(current)
-    return target
+    tmp.replace(root / "current")

@@ -80,7 +80,7 @@ class FastStreamBus(Bus):
         if isinstance(self.broker, KafkaBroker):
             sub = self.broker.subscriber(
                 kafka_config.topic(route.topic),
-                **kafka_config.consumer_options(route, group, self.settings.kafka_session_timeout_ms),
+                **kafka_config.consumer_options(route, group, self.settings),
                 decoder=raw_batch_decoder,
             )
         elif isinstance(self.broker, RedisBroker):

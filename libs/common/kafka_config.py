@@ -1,7 +1,8 @@
 """Kafka in one place: partitions per topic, topic creation, and the consumer/producer settings of every service.
 
-Tuned for low latency on a lightly loaded cluster: a consumer's empty fetch returns after 5 ms, batches go
-out as soon as the handler returns them, and a killed consumer's partitions move after its session (6 s).
+Tuned for low latency: fetches return as soon as data arrives, batches go out as soon as the handler returns
+them, and a killed consumer's partitions move after its session (6 s). Two knobs are settings
+(`kafka_session_timeout_ms`, `kafka_fetch_wait_ms`): the dev broker (`kafka_dev`) wants other values.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from faststream import AckPolicy
 from faststream.kafka.schemas import Topic
 from flockwatch.common import topics
 from flockwatch.common.bus import Route
+from flockwatch.common.settings import CommonSettings
 
 # Every message is keyed by its text id, and every topic has the same partition count, so one text's
 # texts, votes, requests and decision sit on the same partition number of each topic (Kafka's default
@@ -21,9 +23,11 @@ from flockwatch.common.bus import Route
 PARTITIONS: Final = 6
 DEV_REPLICATION: Final = 1  # topics the services or the dev broker create; production provisions its own
 
-# The broker holds an empty fetch this long: one hop's added latency when idle, and the idle polling rate.
-FETCH_WAIT_MS: Final = 5
-# Rare, not latency-critical topics: no need for 200 fetches a second per idle consumer.
+# The broker holds a fetch until data arrives or `CommonSettings.kafka_fetch_wait_ms` passed. Apache Kafka
+# answers as soon as data arrives, so the wait only sets the idle polling rate (100 ms: 10 fetches a second per
+# consumer). Tansu answers a fetch over several partitions only when the wait is over, so on it the wait is
+# each hop's added latency: the dev broker's environment sets 5 ms (which costs ~10 % of a core per idle
+# consumer). Rare, not latency-critical topics poll slowly either way.
 SLOW_TOPICS: Final = frozenset({topics.MODEL_PUBLISHED, topics.FEEDBACK_SUBMITTED, topics.DEAD_LETTER})
 SLOW_FETCH_WAIT_MS: Final = 500
 
@@ -55,15 +59,16 @@ def topic(name: str) -> Topic:
     return Topic(name, num_partitions=PARTITIONS, replication_factor=DEV_REPLICATION)
 
 
-def consumer_options(route: Route[Any], group: str, session_timeout_ms: int) -> dict[str, Any]:
+def consumer_options(route: Route[Any], group: str, settings: CommonSettings) -> dict[str, Any]:
     """FastStream batch-subscriber arguments for one route, consuming as `group`."""
+    session_timeout_ms = settings.kafka_session_timeout_ms
     return {
         **CONSUMER,
         "group_id": group,
         "batch": True,
         "max_records": route.max_batch,
         "batch_timeout_ms": max(1, route.max_wait_ms),  # FastStream also sleeps this long after an empty poll
-        "fetch_max_wait_ms": SLOW_FETCH_WAIT_MS if route.topic in SLOW_TOPICS else FETCH_WAIT_MS,
+        "fetch_max_wait_ms": SLOW_FETCH_WAIT_MS if route.topic in SLOW_TOPICS else settings.kafka_fetch_wait_ms,
         # a work group's first member starts at the beginning, so nothing published before it is lost;
         # a broadcast (per-instance) group only wants what comes next
         "auto_offset_reset": "latest" if route.broadcast else "earliest",

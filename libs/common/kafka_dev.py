@@ -28,6 +28,8 @@ STOP_TIMEOUT_S = 2.0  # memory only: nothing to flush, SIGKILL after this
 # Tansu accepts sessions below stock Kafka's 6 s minimum, and pauses each group join for half the session:
 # with 2 s, consumers join in about a second and a killed consumer's partitions move after 2 s.
 DEV_SESSION_TIMEOUT_MS = 2_000
+# Tansu answers a fetch over several partitions only when its wait is over, however soon data arrives.
+DEV_FETCH_WAIT_MS = 5
 
 
 class DevBrokerError(RuntimeError):
@@ -103,8 +105,12 @@ class TansuBroker:
 
     @property
     def env(self) -> dict[str, str]:
-        """The environment of services on this broker: its bus URL and a short consumer session."""
-        return {"FLOCKWATCH_BUS_URL": self.url, "FLOCKWATCH_KAFKA_SESSION_TIMEOUT_MS": str(DEV_SESSION_TIMEOUT_MS)}
+        """The environment of services on this broker: its bus URL, a short session, a short fetch wait."""
+        return {
+            "FLOCKWATCH_BUS_URL": self.url,
+            "FLOCKWATCH_KAFKA_SESSION_TIMEOUT_MS": str(DEV_SESSION_TIMEOUT_MS),
+            "FLOCKWATCH_KAFKA_FETCH_WAIT_MS": str(DEV_FETCH_WAIT_MS),
+        }
 
     def start(self) -> Self:
         """Start the broker, wait until it answers, create the topics."""

@@ -35,6 +35,13 @@ class CommonSettings(BaseSettings):
         description="Kafka: a consumer that dies without leaving keeps its partitions this long "
         "(stock brokers accept ≥ 6000; the dev broker Tansu also lower, and pauses each join half as long).",
     )
+    kafka_fetch_wait_ms: int = Field(
+        100,
+        ge=1,
+        le=10_000,
+        description="Kafka: longest the broker holds a fetch while no data comes; Kafka answers as soon as data "
+        "arrives, so this only bounds idle polling; Tansu answers multi-partition fetches only then (use 5).",
+    )
     state_url: str | None = Field(
         None, description="Redis URL for shared state (arbiter joins, decisions); default: the bus if Redis."
     )

@@ -77,9 +77,9 @@ class EmbeddingCache:
 
 
 class CachedEncoder:
-    """Embeds texts in batches of `batch_size`; a text already in the cache is not embedded again."""
+    """Embeds texts in calls of at most `batch_size` texts; a text already in the cache is not embedded again."""
 
-    def __init__(self, embed: Embed, batch_size: int = 64, cache_size: int = 20_000) -> None:
+    def __init__(self, embed: Embed, batch_size: int = 256, cache_size: int = 20_000) -> None:
         self.embed = embed
         self.batch_size = batch_size
         self.cache = EmbeddingCache(cache_size)

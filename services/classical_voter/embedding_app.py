@@ -79,8 +79,8 @@ def load_core(
     if previous is not None and previous.encoder_sha256 == record["sha256"] and settings.embedding_encoder is None:
         encoder = previous.model.encoder
     else:
-        embed = load_sentence_encoder(locate(record, settings.embedding_encoder))
-        encoder = CachedEncoder(embed, settings.embedding_batch_size, settings.embedding_cache_size)
+        embed = load_sentence_encoder(locate(record, settings.embedding_encoder), settings.embedding_batch_size)
+        encoder = CachedEncoder(embed, cache_size=settings.embedding_cache_size)
     model = EmbeddingModel(encoder, head, info["voter"])
     return EmbeddingCore(model, manifest.components.get(model.voter, manifest.version), record["sha256"])
 
@@ -115,14 +115,15 @@ def train_embedding(
     cal_texts: Sequence[str],
     out: Path,
     folds: int = 5,
-    batch_size: int = 64,
+    batch_size: int = 32,
     progress: Callable[[str], None] = lambda _: None,
 ) -> EmbeddingFit:
     """Embed train and calibration once, fit the head, K-fold out-of-fold on train, and save to `out`."""
     texts, labels = train
     record = describe(encoder_folder)
     start = time.perf_counter()
-    encoder = CachedEncoder(load_sentence_encoder(encoder_folder), batch_size, cache_size=len(texts) + len(cal_texts))
+    embed = load_sentence_encoder(encoder_folder, batch_size)
+    encoder = CachedEncoder(embed, batch_size=1024, cache_size=len(texts) + len(cal_texts))
     load_s = time.perf_counter() - start
     progress(f"embedding voter: embed {len(texts) + len(cal_texts)} train and calibration texts ({record['name']})")
     start, cpu = time.perf_counter(), time.process_time()

@@ -45,11 +45,17 @@ def folder_sha256(folder: Path) -> str:
     return h.hexdigest()
 
 
-def describe(folder: Path) -> dict[str, Any]:
-    """What a bundle records about its encoder: name, path, sha256, and the package that ships it (if any)."""
+def checked_folder(folder: Path) -> Path:
+    """The folder, resolved, if it is a sentence-transformers folder (has modules.json)."""
     folder = Path(folder).resolve()
     if not (folder / "modules.json").is_file():
         raise EncoderError(f"{folder} is not a sentence-transformers folder (no modules.json)")
+    return folder
+
+
+def describe(folder: Path) -> dict[str, Any]:
+    """What a bundle records about its encoder: name, path, sha256, and the package that ships it (if any)."""
+    folder = checked_folder(folder)
     record: dict[str, Any] = {"name": folder.name, "path": str(folder), "sha256": folder_sha256(folder)}
     with contextlib.suppress(EncoderError):
         if packaged_minilm() == folder:
@@ -78,14 +84,18 @@ def locate(record: dict[str, Any], override: Path | None = None) -> Path:
     return folder
 
 
-def load_sentence_encoder(folder: Path) -> Embed:
-    """A local sentence-transformers model (CPU, no hub) as a function from a batch of texts to embeddings."""
+def load_sentence_encoder(folder: Path, batch_size: int = 32) -> Embed:
+    """A local sentence-transformers model (CPU, no hub) as a function from texts to embeddings.
+
+    Each call sorts its texts by length and runs forward passes of `batch_size`, so little goes to padding
+    (on SMS, 256 texts per call in passes of 32 cost ≈ 35 CPU-ms per text vs ≈ 54 for unsorted passes of 64).
+    """
     from sentence_transformers import SentenceTransformer  # here: torch and transformers load only when needed
 
     model = SentenceTransformer(str(folder), device="cpu", local_files_only=True)
 
     def embed(texts: list[str]) -> NDArray[np.float32]:
-        rows = model.encode(texts, batch_size=max(1, len(texts)), convert_to_numpy=True, show_progress_bar=False)
+        rows = model.encode(texts, batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
         return np.asarray(rows, dtype=np.float32)
 
     return embed

@@ -233,4 +233,6 @@ async def test_always_mode_votes_on_every_text_and_reloads_on_model_published(
             await asyncio.sleep(0.05)
         await service.on_model([published])
     assert [(v.text_id, v.voter) for v in votes] == [("s1", VOTER)] and not votes[0].abstain
-    assert service.core is not core and service.core.model.encoder is core.model.encoder  # type: ignore[union-attr]
+    reloaded = service.core
+    assert isinstance(reloaded, EmbeddingCore) and reloaded is not core
+    assert reloaded.model.encoder is core.model.encoder  # same encoder: reload keeps the model and its cache

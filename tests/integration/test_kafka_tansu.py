@@ -30,7 +30,7 @@ from flockwatch.common.events import (
     VoteRequested,
 )
 from flockwatch.common.kafka_config import PARTITIONS
-from flockwatch.common.kafka_dev import DEV_SESSION_TIMEOUT_MS, TansuBroker
+from flockwatch.common.kafka_dev import DEV_FETCH_WAIT_MS, DEV_SESSION_TIMEOUT_MS, TansuBroker
 from flockwatch.common.settings import CommonSettings
 
 from tests.integration.kafka_echo_worker import DIED, echo
@@ -45,6 +45,7 @@ def kafka_bus(broker: TansuBroker, instance: str) -> Bus:
         instance_id=instance,
         batch_wait_ms=5,
         kafka_session_timeout_ms=DEV_SESSION_TIMEOUT_MS,
+        kafka_fetch_wait_ms=DEV_FETCH_WAIT_MS,
         _env_file=None,
     )
     return create_bus(settings)
@@ -282,17 +283,21 @@ async def test_a_poison_message_goes_to_the_dead_letter_topic_and_its_partition_
         return []
 
     dead = collect(bus, topics.DEAD_LETTER, DeadLetter, f"dead-{run}")
+
+    def poison_of_this_run() -> list[DeadLetter]:  # not earlier tests' poison, which the group also reads
+        return [d for d in dead if d.consumer == f"voter-{run}" and run in d.payload]
+
     key = f"{run}-same-key"  # everything on one partition, the poison in the middle
     bad = TextSubmitted(message_id=f"text:{run}-bad", text_id=key, text="explode")
     async with bus:
         good = [TextSubmitted(message_id=f"text:{run}-{i}", text_id=key, text=f"ok {i}") for i in range(3)]
         await bus.publish(good[:1])
-        await bus.publish_raw(topics.TEXT_SUBMITTED, b"{not json", key)
+        await bus.publish_raw(topics.TEXT_SUBMITTED, f'{{"not json": "{run}"'.encode(), key)
         await bus.publish([bad])
         await bus.publish(good[1:])
-        await until(lambda: len(handled) >= 3 and len([d for d in dead if d.consumer == f"voter-{run}"]) >= 2)
+        await until(lambda: len(handled) >= 3 and len(poison_of_this_run()) >= 2)
         await asyncio.sleep(0.3)
-    mine = [d for d in dead if d.consumer == f"voter-{run}"]
+    mine = poison_of_this_run()
     assert sorted(d.error.split(":")[0] for d in mine) == ["RuntimeError", "invalid TextSubmitted"]
     assert handled == [m.message_id for m in good]  # the texts after the poison were handled, in order
     partition = next(r.partition for r in await records(tansu, topics.TEXT_SUBMITTED) if r.key == key.encode())

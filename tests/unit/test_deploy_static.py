@@ -23,6 +23,7 @@ from flockwatch.common import topics
 from flockwatch.common.settings import CommonSettings
 from flockwatch.feedback.settings import FeedbackSettings
 from flockwatch.gateway.settings import GatewaySettings
+from flockwatch.trainer.settings import TrainerSettings
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from pydantic_settings import BaseSettings
@@ -35,6 +36,7 @@ SETTINGS: dict[str, type[BaseSettings]] = {
     "gateway": GatewaySettings,
     "arbiter": ArbiterSettings,
     "feedback": FeedbackSettings,
+    "trainer": TrainerSettings,
 }
 HEAVY = {"torch", "snorkel", "mapie", "transformers", "peft", "bitsandbytes"}
 # Imported on the regex voter's path only when installed (by faststream, fast-depends and joblib).
@@ -135,7 +137,7 @@ def test_services_start_after_topics_and_models(services: dict[str, dict[str, An
     for name in ALL:
         depends = services[name]["depends_on"]
         assert depends["kafka-init"]["condition"] == "service_completed_successfully"
-        assert depends["trainer"]["condition"] == "service_completed_successfully"
+        assert depends["train"]["condition"] == "service_completed_successfully"
 
 
 def test_serve_commands_name_real_services(services: dict[str, dict[str, Any]]) -> None:
@@ -154,7 +156,7 @@ def test_flockwatch_subcommands_exist(services: dict[str, dict[str, Any]]) -> No
 def test_env_vars_are_settings_fields(services: dict[str, dict[str, Any]]) -> None:
     known = {
         f"{cls.model_config.get('env_prefix', '')}{field}".upper()
-        for cls in (CommonSettings, GatewaySettings, ArbiterSettings, FeedbackSettings)
+        for cls in (CommonSettings, GatewaySettings, ArbiterSettings, FeedbackSettings, TrainerSettings)
         for field in cls.model_fields
     }
     for name, service in _ours(services).items():
@@ -181,14 +183,14 @@ def test_bus_and_state_urls_point_at_compose_services(services: dict[str, dict[s
 
 
 def test_trainer_writes_where_the_services_read(services: dict[str, dict[str, Any]]) -> None:
-    train = next(call for call in _flockwatch_calls(services["trainer"]) if call[0] == "train")
+    train = next(call for call in _flockwatch_calls(services["train"]) if call[0] == "train")
     options = dict(zip(train[1::2], train[2::2], strict=False))
     for path in (options["--labels"], options["--rules"]):
         assert (ROOT / path).is_file(), path
     for name in ALL:
         assert services[name]["environment"]["FLOCKWATCH_MODEL_DIR"] == f"{options['--out']}/current"
         assert "models:/models:ro" in services[name]["volumes"]
-    assert "models:/models" in services["trainer"]["volumes"]
+    assert "models:/models" in services["train"]["volumes"]
 
 
 def test_kafka_init_creates_every_topic(services: dict[str, dict[str, Any]]) -> None:

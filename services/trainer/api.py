@@ -1,0 +1,91 @@
+"""The trainer's HTTP API: request, follow and cancel training runs; drift state; the model registry."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from flockwatch.trainer import registry
+from flockwatch.trainer.app import RunNotFound, TrainerService
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class RetrainRequest(BaseModel):
+    """A retrain by command."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["full", "recalibrate"] = Field("full", description="full, or calibration-only (voters frozen)")
+    reason: str | None = Field(None, max_length=500)
+
+
+def get_service(request: Request) -> TrainerService:
+    """The service behind the app."""
+    service: TrainerService = request.app.state.service
+    return service
+
+
+ServiceDep = Annotated[TrainerService, Depends(get_service)]
+
+
+async def _run_or_404(service: TrainerService, run_id: str) -> dict[str, Any]:
+    try:
+        return await service.run(run_id)
+    except RunNotFound as exc:
+        raise HTTPException(404, f"no training run {run_id}") from exc
+
+
+def create_app(service: TrainerService) -> FastAPI:
+    """The HTTP API of a started trainer service."""
+    app = FastAPI(title="Flockwatch trainer", version="0.1.0")
+    app.state.service = service
+
+    @app.post("/training", status_code=202)
+    async def post_training(body: RetrainRequest, svc: ServiceDep) -> dict[str, Any]:
+        """Queue a run (one runs at a time); poll `GET /training/{run_id}`."""
+        return await svc.request_run(body.kind, "command", body.reason)
+
+    @app.get("/training")
+    async def list_training(svc: ServiceDep, limit: Annotated[int, Query(ge=1, le=500)] = 20) -> list[dict[str, Any]]:
+        """The newest runs first."""
+        return await svc.store.runs(limit)
+
+    @app.get("/training/{run_id}")
+    async def get_training(run_id: str, svc: ServiceDep) -> dict[str, Any]:
+        """A run: status (queued, running, gated, published, rejected, failed, cancelled), progress, gate."""
+        return await _run_or_404(svc, run_id)
+
+    @app.post("/training/{run_id}/cancel")
+    async def cancel_training(run_id: str, svc: ServiceDep) -> dict[str, Any]:
+        """Cancel a queued run or stop a running one; 409 for a run that has already finished."""
+        run = await _run_or_404(svc, run_id)
+        if run["status"] not in ("queued", "running"):
+            raise HTTPException(409, f"run {run_id} is {run['status']}; only queued or running runs can be cancelled")
+        return await svc.cancel(run_id)
+
+    @app.get("/drift")
+    async def get_drift(svc: ServiceDep) -> dict[str, Any]:
+        """The drift monitor: martingale, its alarm threshold, the windowed KS test, the last alarm."""
+        return {**svc.drift.status(), "events": await svc.store.drift_events(10)}
+
+    @app.get("/models")
+    async def get_models(svc: ServiceDep) -> dict[str, Any]:
+        """The versions under the model root, which one is current, and the history."""
+        root = svc.settings.models_root
+        return {
+            "versions": [registry.describe(root, m) for m in registry.versions(root)],
+            "history": registry.history(root),
+        }
+
+    @app.get("/health")
+    async def health(svc: ServiceDep) -> dict[str, Any]:
+        """Liveness, the database, and the champion."""
+        try:
+            await svc.store.pool.fetchval("SELECT 1")
+            database = "ok"
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            database = f"error: {exc}"
+        champion = svc.champion()
+        return {"status": "ok", "database": database, "champion": champion.name if champion else None}
+
+    return app

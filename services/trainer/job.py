@@ -1,0 +1,177 @@
+"""One training run in a process of its own: `python -m flockwatch.trainer.job SPEC.json`.
+
+The trainer service starts it and terminates it to cancel (a thread cannot be stopped; a process can). It
+prints progress as JSON lines on stdout and writes `result.json` next to the spec. The candidate bundle
+it builds stays in the run's work directory, with the gate decision, parent and lineage in its manifest,
+metrics and model card; only the service publishes it (and only when the gate passed).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from flockwatch.common.artifacts import read_manifest, verified_file
+from flockwatch.common.datasets import Dataset, read_table
+from flockwatch.trainer import data as rundata
+from flockwatch.trainer.evaluate import collect
+from flockwatch.trainer.gate import GateConfig, GateResult, HeldOut, Outputs, decide, summary_line
+from flockwatch.trainer.pipeline import Progress, TrainConfig, train
+from flockwatch.trainer.registry import finalize
+from pydantic import BaseModel, Field
+
+RESULT = "result.json"
+CONFIG_FILES = ("labels", "rules", "slices", "conformal")
+
+
+class JobSpec(BaseModel):
+    """Everything a run needs; written by the service as `spec.json` in the run's work directory."""
+
+    run_id: str
+    kind: Literal["full", "recalibrate"] = "full"
+    work_dir: Path
+    name: str
+    champion: Path | None = None
+    base_data: Path
+    text_col: str = "text"
+    label_col: str = "label"
+    base_limit: int | None = None
+    corrections: list[tuple[str, str]] = Field(default_factory=list, description="every clean (text, label)")
+    recent: list[tuple[str, str]] = Field(default_factory=list, description="those newer than the champion")
+    configs: dict[str, Path | None] = Field(default_factory=dict, description="labels, rules, slices, conformal, …")
+    folds: int = 5
+    llm_min_corrections: int = 200
+    gate: dict[str, Any] = Field(default_factory=dict)
+    feedback_watermark: int = 0
+
+
+def _config(spec: JobSpec, key: str) -> Path | None:
+    """An explicitly configured file, else the champion's copy (a retrain keeps the task's configuration)."""
+    if spec.configs.get(key) is not None:
+        return spec.configs[key]
+    rel = f"{key}.yaml"
+    if key in CONFIG_FILES and spec.champion and rel in read_manifest(spec.champion, verify=False).files:
+        return verified_file(spec.champion, rel)
+    return None
+
+
+def _train_full(spec: JobSpec, run: rundata.RunData, progress: Progress) -> Path:
+    llm = spec.configs.get("llm") if len(spec.corrections) >= spec.llm_min_corrections else None
+    config = TrainConfig(
+        data=run.data,
+        out=spec.work_dir / "candidates",
+        name=spec.name,
+        labels=_config(spec, "labels"),
+        rules=_config(spec, "rules"),
+        slices=_config(spec, "slices"),
+        conformal=_config(spec, "conformal"),
+        lfs=_config(spec, "lfs"),
+        llm=llm,
+        folds=spec.folds,
+        embedding=spec.configs.get("embedding"),
+    )
+    if spec.configs.get("llm_base") is not None:
+        config.llm_base = Path(str(spec.configs["llm_base"]))
+    return train(config, progress)
+
+
+def _outputs(model_dir: Path, held: Dataset, classes: list[str]) -> tuple[Outputs, dict[str, np.ndarray]]:
+    """A bundle's combined probabilities (columns in `classes` order) and answers on the held-out texts; slices."""
+    inputs = collect(model_dir, held)
+    cols = [inputs.classes.index(c) if c in inputs.classes else -1 for c in classes]
+    probs = np.stack([inputs.ensemble[:, j] if j >= 0 else np.zeros(len(held)) for j in cols], axis=1)
+    masks = {}
+    for name, members in inputs.slices.items():
+        mask = np.zeros(len(held), dtype=bool)
+        mask[np.asarray(members, dtype=np.int64)] = True
+        masks[name] = mask
+    return Outputs(probs, np.asarray(inputs.answered, dtype=bool)), masks
+
+
+def gate_candidate(
+    candidate: Path,
+    champion: Path | None,
+    held: rundata.HeldOutSet,
+    kind: Literal["full", "recalibrate"],
+    cfg: GateConfig,
+) -> GateResult:
+    """Champion and challenger on the same held-out texts, through the services' own decision code."""
+    challenger, slices = _outputs(candidate, held.data, classes := _classes(candidate))
+    y = np.array([classes.index(label) for label in held.data.labels], dtype=np.int64)
+    champ = _outputs(champion, held.data, classes)[0] if champion is not None else None
+    return decide(HeldOut(y, classes, slices, held.reference), challenger, champ, kind, cfg)
+
+
+def _classes(bundle: Path) -> list[str]:
+    from flockwatch.common.labels import LabelConfig
+
+    return LabelConfig.load(verified_file(bundle, "labels.yaml")).names
+
+
+def run(spec: JobSpec, progress: Progress) -> dict[str, Any]:
+    """Data, candidate, gate; returns the result record (also written to result.json)."""
+    started = time.perf_counter()
+    progress("data: base set with the clean corrections applied")
+    base = read_table(spec.base_data, spec.text_col, spec.label_col)
+    if spec.base_limit:
+        base = Dataset(base.texts[: spec.base_limit], base.labels[: spec.base_limit])
+    merged = rundata.merge(base, spec.corrections)
+    held = rundata.held_out(merged)
+    if spec.kind == "recalibrate":
+        if spec.champion is None:
+            raise ValueError("a calibration-only run needs a published champion")
+        from flockwatch.trainer.recalibrate import recalibrate
+
+        fit_rows, cal_rows = rundata.recalibration_pool(merged, spec.recent)
+        candidate = recalibrate(spec.champion, fit_rows, cal_rows, held.data, spec.work_dir / "candidates", progress)
+    else:
+        candidate = _train_full(spec, merged, progress)
+    trained = time.perf_counter()
+    progress(f"gate: champion vs challenger on {len(held.data)} held-out texts")
+    gate = gate_candidate(candidate, spec.champion, held, spec.kind, GateConfig(**spec.gate)).to_dict()
+    parent = read_manifest(spec.champion, verify=False).version if spec.champion else None
+    data_report = {**merged.report, "held_out": len(held.data), "held_out_reference": int(held.reference.sum())}
+    data_report["held_out_dropped_leaks"] = held.dropped_leaks
+    lineage = {
+        "run_id": spec.run_id,
+        "kind": spec.kind,
+        "data": data_report,
+        "feedback_watermark": spec.feedback_watermark,
+    }
+    manifest = finalize(candidate, parent=parent, gate=gate, lineage=lineage)
+    progress(summary_line(gate))
+    return {
+        "candidate": str(candidate),
+        "version": manifest.version,
+        "parent": parent,
+        "gate": gate,
+        "data": data_report,
+        "metrics": manifest.metrics,
+        "durations": {"train_s": trained - started, "gate_s": time.perf_counter() - trained},
+    }
+
+
+def _emit(message: str) -> None:
+    print(json.dumps({"progress": message}), flush=True)  # noqa: T201 - the service reads these lines
+
+
+def main(argv: list[str]) -> int:
+    """Run the spec at argv[0]; the result (or the error) goes to result.json beside it."""
+    spec_path = Path(argv[0])
+    spec = JobSpec.model_validate_json(spec_path.read_text(encoding="utf-8"))
+    out = spec_path.parent / RESULT
+    try:
+        result = run(spec, _emit)
+    except Exception as exc:  # noqa: BLE001 - the process boundary: report any failure to the service
+        out.write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}"}), encoding="utf-8")
+        return 1
+    out.write_text(json.dumps(result, indent=1), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
