@@ -54,8 +54,9 @@ class ArbiterService(Service):
         return self.settings.arbiter_deadline_ms / 1000
 
     async def start(self) -> None:
-        self.policy = await asyncio.to_thread(load_policy, self.settings.model_dir)
-        telemetry.MODEL_INFO.labels(self.name, self.policy.version).set(1)
+        policy: ArbiterPolicy = await asyncio.to_thread(load_policy, self.settings.model_dir)
+        self.policy = policy
+        telemetry.MODEL_INFO.labels(self.name, policy.version).set(1)
         self._ticker = asyncio.create_task(self._tick(), name="arbiter-deadlines")
 
     async def stop(self) -> None:

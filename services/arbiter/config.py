@@ -81,7 +81,8 @@ class ConformalConfig(BaseModel):
     alpha: float = Field(0.05, gt=0, lt=1, description="Prediction sets miss the true class w.p. ≤ alpha.")
     method: Literal["lac", "aps", "raps"] = Field("lac", description="MAPIE conformity score.")
     mondrian: list[Literal["slice", "class"]] = Field(
-        default_factory=lambda: ["slice"], description="Calibrate per slice and/or per true class."
+        default_factory=lambda: ["slice"],  # type: ignore[arg-type]  # mypy infers list[str] for the lambda
+        description="Calibrate per slice and/or per true class.",
     )
     consensus_min_prob: float = Field(0.9, gt=0.5, le=1, description="Consensus fast path: every voter ≥ this.")
     risk: RiskConfig = Field(default_factory=RiskConfig)

@@ -179,7 +179,9 @@ class ArbiterPolicy:
                 [items[i] for i in traced], probs[traced], present[traced], [groups[i] for i in traced]
             )
             for i, trace in zip(traced, rounds, strict=True):
-                out[i] = out[i].model_copy(update={"rounds": trace})
+                decision = out[i]
+                assert isinstance(decision, Decision)
+                out[i] = decision.model_copy(update={"rounds": trace})
         return out
 
     def _stage(self, present: Array) -> NDArray[np.int64]:

@@ -119,7 +119,7 @@ class Stacker(ClassifierMixin, BaseEstimator):
         e = np.exp(logits - logits.max(axis=1, keepdims=True))
         return np.asarray(e / e.sum(axis=1, keepdims=True), dtype=np.float64)
 
-    def predict_proba(self, voter_probs: Mapping[str, Array]) -> Array:  # type: ignore[override]
+    def predict_proba(self, voter_probs: Mapping[str, Array]) -> Array:
         """(n, k) probabilities from per-voter (n, k) arrays (NaN rows: no opinion)."""
         self._check_fitted()
         return self.predict_proba_stacked(*stack_votes(self.voters_, voter_probs))

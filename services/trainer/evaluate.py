@@ -139,7 +139,7 @@ def _items(
     texts: list[str],
     opinions: dict[str, list[Opinion | None]],
     versions: dict[str, str],
-    rows: Sequence[int],
+    rows: Sequence[int] | np.ndarray,
     rounds: np.ndarray,
     may_escalate: bool,
 ) -> list[DecideItem]:
