@@ -3,9 +3,9 @@
 A text is answered when its conformal prediction set is a single class and its confidence clears the
 risk-controlled threshold (`risk.py`); safety triggers can raise the answer or force a review. The
 cascade asks its tiers in rounds, cheapest first (e.g. the embedding model, then the LLM): while a
-text's set is not a single class, or its confidence is below `escalate_below` (where the cheap-only
-policy would abstain), but it is not hopeless (confidence ≥ that tier's `escalate_at`), the arbiter
-asks the next tier instead of deciding. Each decision records its rounds and why the cascade stopped.
+text's set is not a single class (at confidence ≥ `escalate_below`, 0 as fitted) but it is not
+hopeless (confidence ≥ that tier's `escalate_at`), the arbiter asks the next tier instead of deciding.
+Each decision records its rounds and why the cascade stopped.
 """
 
 from __future__ import annotations
@@ -213,7 +213,10 @@ class ArbiterPolicy:
     ) -> list[list[CascadeRound]]:
         """Each decision's rounds: what each round saw (recomputed from its votes), why it went on or stopped."""
         last = [min(it.rounds, len(self.tiers)) for it in items]
-        views = [self._cut(probs, present & self._prefix[r], groups) for r in range(max(last) + 1)]
+        views = []
+        for r in range(max(last) + 1):  # absent voters' rows must be zeros: the consensus path sums them
+            mask = present & self._prefix[r]
+            views.append(self._cut(np.where(mask[:, :, None], probs, 0.0), mask, groups))
         out = []
         for i in range(len(items)):
             trace = []
@@ -233,7 +236,7 @@ class ArbiterPolicy:
         if path == NO_VOTES:
             return "no votes"
         if self._sure(p, pset):
-            return f"a single class at confidence ≥ {self.escalate_below:.3f}"
+            return "a single class" + (f" at confidence ≥ {self.escalate_below:.3f}" if self.escalate_below else "")
         if r >= len(self.tiers):
             return "unsure, and no cascade tier is left"
         if p.max() < self.escalate_at[r]:

@@ -43,10 +43,11 @@ def load_cores(model_dir: Path) -> list[VoterCore]:
 
 
 def _optional_loaders() -> list[Callable[[Path], VoterCore | None]]:
+    from flockwatch.classical_voter.embedding_app import load_core as load_embedding
     from flockwatch.llm_voter.app import load_core as load_llm
     from flockwatch.ws_voter.app import load_core as load_ws
 
-    return [load_ws, load_llm]
+    return [load_embedding, load_ws, load_llm]
 
 
 @dataclass

@@ -258,16 +258,23 @@ def test_cascade_escalates_within_budget_and_the_llm_fixes_what_it_is_asked() ->
     assert answered.mean() > np.mean([not d.abstain for d in decisions(no_cascade, cheap)])
 
 
-def test_cost_ordered_cascade_runs_rounds_within_each_tiers_budget_and_records_them() -> None:
-    def data(n: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        votes, y = synthetic(n, seed, llm=True)
-        votes["mid"] = noisy_probs(y, 2.5, np.random.default_rng(seed + 100))
-        return votes, y
+def two_tier_data(n: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    votes, y = synthetic(n, seed, llm=True)
+    votes["mid"] = noisy_probs(y, 2.5, np.random.default_rng(seed + 100))
+    return votes, y
 
-    (train, y_train), (cal, y_cal), (test, y_test) = data(2000, 30), data(2000, 31), data(3000, 32)
+
+@pytest.fixture(scope="module")
+def two_tier() -> ArbiterPolicy:
+    (train, y_train), (cal, y_cal) = two_tier_data(2000, 30), two_tier_data(2000, 31)
     tiers = [{"voters": ["mid"], "budget": 0.4}, {"voters": ["llm"], "budget": 0.15}]
     config = CONFIG.model_copy(update={"cascade": CascadeConfig.model_validate({"tiers": tiers})})
-    policy = fit_policy(train, y_train, cal, y_cal, CLASSES, HARM, config)
+    return fit_policy(train, y_train, cal, y_cal, CLASSES, HARM, config)
+
+
+def test_cost_ordered_cascade_runs_rounds_within_each_tiers_budget_and_records_them(two_tier: ArbiterPolicy) -> None:
+    policy = two_tier
+    test, y_test = two_tier_data(3000, 32)
     assert policy.tiers == [["mid"], ["llm"]] and sorted(policy.sets) == ["cheap", "tier1", "tier2"]
     risk = policy.calibration_report["risk"]
     assert risk["certified"] and risk["reach"][0] <= 0.4 and 0 < risk["reach"][1] <= 0.15
@@ -297,10 +304,19 @@ def test_cost_ordered_cascade_runs_rounds_within_each_tiers_budget_and_records_t
         assert all("asked" in x.reason for x in d.rounds[:-1]) and "asked" not in d.rounds[-1].reason
     deepest = next(d for d, r in zip(final, rounds, strict=True) if r == 2)
     assert deepest.rounds[1].voters == ["mid"] and deepest.rounds[2].voters == ["llm"]
-    only_llm = fit_policy(
-        train, y_train, cal, y_cal, CLASSES, HARM, config.model_copy(update={"cascade": CascadeConfig(voters=["llm"])})
-    )
+    (train, y_train), (cal, y_cal) = two_tier_data(2000, 30), two_tier_data(2000, 31)
+    one_tier = CONFIG.model_copy(update={"cascade": CascadeConfig(voters=["llm"])})
+    only_llm = fit_policy(train, y_train, cal, y_cal, CLASSES, HARM, one_tier)
     assert policy.calibration_report["risk"]["coverage"] >= only_llm.calibration_report["risk"]["coverage"]
+
+
+def test_each_rounds_record_uses_only_that_rounds_votes(two_tier: ArbiterPolicy) -> None:
+    sure = {"clean": 0.96, "spam": 0.02, "toxic": 0.02}
+    votes = [vote(v, sure) for v in ("good", "fair", "noise", "mid", "llm")]  # all agree: the consensus path
+    d = two_tier.decide_many([DecideItem("t1", votes, "text", rounds=2)])[0]
+    assert isinstance(d, Decision) and d.path == "consensus"
+    assert [r.voters for r in d.rounds] == [["good", "fair", "noise"], ["mid"], ["llm"]]
+    assert all(r.confidence == pytest.approx(0.96) for r in d.rounds)  # a mean of agreeing voters, never a sum
 
 
 def decisions_or_escalations(
