@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import cast
 
-from flockwatch.common import telemetry, topics
 from flockwatch.common.artifacts import load_json, read_manifest, verified_file
 from flockwatch.common.bus import Bus
-from flockwatch.common.events import ModelPublished, TextSubmitted, Vote, VoteRequested
 from flockwatch.common.service import VoterCore, VoterService
 from flockwatch.common.settings import CommonSettings
-from flockwatch.common.voting import to_vote
 from flockwatch.llm_voter.backends import LLMBackend, TransformersBackend, VLLMBackend
 from flockwatch.llm_voter.lora import ADAPTER_DIR, LLM_JSON
 from flockwatch.llm_voter.model import LLMCore
@@ -74,39 +68,8 @@ class LLMVoterService(VoterService):
     name = "llm_voter"
 
     def __init__(self, bus: Bus, settings: CommonSettings) -> None:
-        # not VoterService.__init__: in cascade mode this voter must not consume every submitted text
-        self.settings = settings if isinstance(settings, LLMSettings) else LLMSettings(**settings.model_dump())
-        self.core: VoterCore | None = None
-        self.expired = 0
-        if self.settings.llm_mode == "always":
-            bus.subscribe(topics.TEXT_SUBMITTED, TextSubmitted, group=self.name)(self.on_texts)
-        else:
-            bus.subscribe(topics.VOTE_REQUESTED, VoteRequested, group=self.name)(self.on_requests)
-        bus.subscribe(topics.MODEL_PUBLISHED, ModelPublished, group=self.name, broadcast=True)(self.on_model)
+        llm = settings if isinstance(settings, LLMSettings) else LLMSettings(**settings.model_dump())
+        super().__init__(bus, llm, mode=llm.llm_mode)
 
     def load(self, model_dir: Path) -> VoterCore | None:
         return load_core(model_dir, cast(LLMSettings, self.settings))
-
-    async def on_requests(self, msgs: list[VoteRequested]) -> list[Vote]:
-        """Vote on the texts the arbiter asked this voter about, skipping requests already past their deadline."""
-        core = self.core
-        if core is None:
-            return []
-        now = datetime.now(UTC)
-        wanted = [m for m in msgs if set(m.voters) & set(core.voters)]
-        fresh = [m for m in wanted if (now - m.timestamp).total_seconds() * 1000 < m.deadline_ms]
-        self.expired += len(wanted) - len(fresh)
-        if not fresh:
-            return []
-        start = time.perf_counter()
-        opinions = await asyncio.to_thread(core.predict, [m.text for m in fresh])
-        per_text_ms = (time.perf_counter() - start) * 1000 / len(fresh)
-        # to_vote reads only the text id, which a VoteRequested carries too
-        votes = [
-            to_vote(cast(TextSubmitted, msg), voter, core.version, opinion, per_text_ms)
-            for voter, column in opinions.items()
-            for msg, opinion in zip(fresh, column, strict=True)
-        ]
-        for vote in votes:
-            telemetry.VOTES.labels(vote.voter, "abstain" if vote.abstain else "vote").inc()
-        return votes
