@@ -14,7 +14,7 @@ from flockwatch.arbiter.settings import ArbiterSettings
 from flockwatch.common import telemetry, topics
 from flockwatch.common.artifacts import ArtifactError, load_joblib, load_json, read_manifest, verified_file
 from flockwatch.common.bus import Bus
-from flockwatch.common.events import Event, ModelPublished, TextSubmitted, Vote, VoteRequested
+from flockwatch.common.events import Decision, Event, ModelPublished, TextSubmitted, Vote, VoteRequested
 from flockwatch.common.service import Service
 from flockwatch.common.slices import SliceConfig
 
@@ -76,10 +76,14 @@ class ArbiterService(Service):
         return []
 
     async def on_votes(self, votes: list[Vote]) -> list[Event]:
-        """Store votes; decide (or escalate) the texts that are now complete."""
+        """Store votes; decide (or escalate) the texts that are now complete, publish, then confirm them."""
         assert self.policy is not None
         ready = await self.store.add_votes(votes, len(self.policy.first_stage_voters), self.deadline_s)
-        return await self._decide(ready)
+        try:
+            await self._publish(await self._decide(ready))
+        except Exception:  # noqa: BLE001 - the votes are stored: the deadline path decides once the claims' leases end
+            log.exception("arbiter: deciding %d texts failed; they are decided again after their lease", len(ready))
+        return []
 
     async def on_model(self, msgs: list[ModelPublished]) -> list[Event]:
         """Hot reload of the arbiter policy; a refused artifact keeps the current one."""
@@ -131,12 +135,17 @@ class ArbiterService(Service):
             out.append(decision)
         return out
 
+    async def _publish(self, events: list[Event]) -> None:
+        """Publish, and only then confirm the decided texts: a claim left unconfirmed is claimed again later."""
+        await self.bus.publish(events)
+        await self.store.confirm([e.text_id for e in events if isinstance(e, Decision)])
+
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(self.settings.arbiter_tick_ms / 1000)
             try:
                 ready = await self.store.pop_expired(time.time())
                 if ready:
-                    await self.bus.publish(await self._decide(ready))
+                    await self._publish(await self._decide(ready))
             except Exception:  # noqa: BLE001 - the deadline loop must survive a broker hiccup
                 log.exception("arbiter: deadline check failed; retrying")

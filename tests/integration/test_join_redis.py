@@ -1,4 +1,5 @@
-"""The arbiter's join in Redis: two arbiter instances, each text claimed for decision exactly once."""
+"""The arbiter's join in Redis (and in memory): two arbiter instances, each text claimed for decision exactly once;
+a claim is a lease that only `confirm` (after the decision is published) makes final."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from flockwatch.arbiter.join import JoinStore, MemoryJoinStore, RedisJoinStore
 from flockwatch.common.events import Vote
 
 URL = "redis://127.0.0.1:6379/9"
+LEASE_S = 0.3
 
 
 def vote(text_id: str, voter: str) -> Vote:
@@ -73,8 +75,9 @@ async def test_memory_join_decides_once_and_ignores_late_votes() -> None:
     assert await store.add_votes([vote("t", "x")], 2, 0.01) == []
     ready = await store.add_votes([vote("t", "y"), vote("t", "y")], 2, 0.01)
     assert [r.text_id for r in ready] == ["t"]
+    await store.confirm(["t"])
     assert await store.add_votes([vote("t", "z")], 2, 0.01) == []
-    assert await store.pop_expired(time.time() + 1) == []
+    assert await store.pop_expired(time.time() + 3600) == []
 
 
 @pytest.mark.parametrize("backend", ["memory", "redis"])
@@ -95,3 +98,83 @@ async def test_reopened_text_waits_for_the_escalated_vote_then_its_new_deadline(
     assert await store.pop_expired(time.time()) == []
     [late] = await store.pop_expired(time.time() + 1)
     assert late.escalated and await store.pop_expired(time.time() + 2) == []
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def leased(request: pytest.FixtureRequest) -> tuple[JoinStore, JoinStore]:
+    """Two arbiter instances sharing join state, with a short lease: Redis, or one memory store seen twice."""
+    if request.param == "memory":
+        store = MemoryJoinStore(lease_s=LEASE_S)
+        yield store, store
+        return
+    prefix = f"fw:test:{uuid.uuid4().hex[:8]}:"
+    a, b = RedisJoinStore(URL, prefix, lease_s=LEASE_S), RedisJoinStore(URL, prefix, lease_s=LEASE_S)
+    yield a, b
+    await a.redis.delete(*[k async for k in a.redis.scan_iter(f"{prefix}*")] or ["none"])
+    await a.close()
+    await b.close()
+
+
+async def test_an_unconfirmed_claim_is_claimed_again_after_its_lease_with_every_vote(
+    leased: tuple[JoinStore, JoinStore],
+) -> None:
+    a, b = leased  # `a` claims the text, then dies before publishing
+    now = time.time()
+    await a.add_texts([("t", now, "hi", {"language": "en"})], 5.0)
+    [claimed] = await a.add_votes([vote("t", "x"), vote("t", "y")], expected=2, deadline_s=5.0)
+    assert sorted(v.voter for v in claimed.votes) == ["x", "y"]
+    # the bus redelivers the votes, and a late voter answers: stored, but the lease holds
+    assert await b.add_votes([vote("t", "x"), vote("t", "z")], expected=2, deadline_s=5.0) == []
+    assert await b.pop_expired(time.time()) == []
+    await asyncio.sleep(LEASE_S + 0.05)
+    [again] = await b.pop_expired(time.time())
+    assert sorted(v.voter for v in again.votes) == ["x", "y", "z"]
+    assert again.text == "hi" and again.metadata == {"language": "en"} and again.submitted_at == pytest.approx(now)
+    assert await a.pop_expired(time.time()) == []  # `b` holds the new lease
+    await b.confirm(["t"])
+    await asyncio.sleep(LEASE_S + 0.05)
+    assert await a.pop_expired(time.time() + 3600) == [] and await b.pop_expired(time.time() + 3600) == []
+
+
+async def test_a_confirmed_text_drops_later_votes_and_is_never_claimed_again(
+    leased: tuple[JoinStore, JoinStore],
+) -> None:
+    a, b = leased
+    await a.add_texts([("t", time.time())], 0.05)
+    await a.add_votes([vote("t", "x")], expected=2, deadline_s=0.05)
+    [claimed] = await b.pop_expired(time.time() + 1)
+    assert [v.voter for v in claimed.votes] == ["x"]
+    await b.confirm(["t"])
+    await asyncio.sleep(LEASE_S + 0.05)
+    assert await a.add_votes([vote("t", "x"), vote("t", "y")], expected=2, deadline_s=0.05) == []
+    assert await a.pop_expired(time.time() + 3600) == [] and await b.pop_expired(time.time() + 3600) == []
+    if isinstance(a, RedisJoinStore):  # the votes and the deadline are gone; only the mark stays
+        keys = {k.decode() async for k in a.redis.scan_iter(f"{a.prefix}*")}
+        assert keys == {f"{a.prefix}decided:t"}
+
+
+async def test_a_redelivered_vote_after_the_lease_claims_the_complete_text_again(
+    leased: tuple[JoinStore, JoinStore],
+) -> None:
+    a, b = leased
+    await a.add_texts([("t", time.time())], 5.0)
+    assert [r.text_id for r in await a.add_votes([vote("t", "x"), vote("t", "y")], 2, 5.0)] == ["t"]
+    await asyncio.sleep(LEASE_S + 0.05)
+    [again] = await b.add_votes([vote("t", "y")], expected=2, deadline_s=5.0)
+    assert sorted(v.voter for v in again.votes) == ["x", "y"]
+
+
+async def test_reopen_after_a_claim_clears_the_lease_and_keeps_votes_that_came_during_it(
+    leased: tuple[JoinStore, JoinStore],
+) -> None:
+    a, b = leased
+    await a.add_texts([("e", time.time(), "is it spam?")], 0.05)
+    await a.add_votes([vote("e", "x")], expected=2, deadline_s=0.05)
+    [first] = await a.pop_expired(time.time() + 1)  # decided on `x` alone: escalate
+    assert await b.add_votes([vote("e", "y")], expected=2, deadline_s=0.05) == []  # late, during the lease
+    await a.reopen(first, expected=2, deadline_s=5.0)  # `x` + the tier's `llm`, and `y` is kept
+    assert await b.add_votes([vote("e", "x")], expected=2, deadline_s=5.0) == []  # a redelivery: waits for `llm`
+    [final] = await b.add_votes([vote("e", "llm")], expected=2, deadline_s=5.0)
+    assert final.escalated and sorted(v.voter for v in final.votes) == ["llm", "x", "y"]
+    await b.confirm(["e"])
+    assert await a.pop_expired(time.time() + 3600) == []

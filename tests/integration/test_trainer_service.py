@@ -30,9 +30,9 @@ from tests.integration.trainer_support import (
 )
 
 FINAL = ("published", "rejected", "failed", "cancelled")
-# the scenario's bus: memory by default (fast); FLOCKWATCH_TEST_TRAINER_BUS=redis://127.0.0.1:6379/10 runs it over
-# Redis Streams (database 10 is this test's alone: it is flushed before and after)
-BUS = os.environ.get("FLOCKWATCH_TEST_TRAINER_BUS", "memory://")
+# the scenario's bus: Redis Streams (database 10 is this test's alone: it is flushed before and after);
+# FLOCKWATCH_TEST_TRAINER_BUS=memory:// runs it in process
+BUS = os.environ.get("FLOCKWATCH_TEST_TRAINER_BUS", "redis://127.0.0.1:6379/10")
 
 
 @pytest.fixture(scope="module")
