@@ -41,7 +41,9 @@ class ArbiterService(Service):
         self.settings = settings
         self.policy: ArbiterPolicy | None = None
         self.store: JoinStore = (
-            RedisJoinStore(settings.shared_state_url) if settings.shared_state_url else MemoryJoinStore()
+            RedisJoinStore(settings.shared_state_url, lease_s=settings.arbiter_lease_ms / 1000)
+            if settings.shared_state_url
+            else MemoryJoinStore(lease_s=settings.arbiter_lease_ms / 1000)
         )
         self._ticker: asyncio.Task[None] | None = None
         bus.subscribe(topics.TEXT_SUBMITTED, TextSubmitted, group=self.name)(self.on_texts)

@@ -243,11 +243,12 @@ local ids = redis.call('ZRANGEBYSCORE', p .. 'deadlines', '-inf', now, 'LIMIT', 
 local out = {}
 for _, id in ipairs(ids) do
   local mark = p .. 'decided:' .. id
-  local left = redis.call('PTTL', mark)
-  if left == -2 then
+  local state = redis.call('GET', mark)
+  if not state then
     claim(p, id, now, lease, ttl, out)
-  elseif redis.call('GET', mark) == 'lease' and left > 0 then
-    redis.call('ZADD', p .. 'deadlines', now + left, id)  -- our clock ran ahead of Redis's: wait for the lease
+  elseif state == 'lease' then
+    -- our clock ran ahead of Redis's (PTTL may be 0 in the lease's last millisecond): wait for the lease
+    redis.call('ZADD', p .. 'deadlines', now + math.max(redis.call('PTTL', mark), 1), id)
   else
     redis.call('ZREM', p .. 'deadlines', id)  -- confirmed
   end

@@ -11,6 +11,12 @@ class ArbiterSettings(CommonSettings):
         500, ge=1, le=600_000, description="Decide with the votes that arrived this long after submission."
     )
     arbiter_tick_ms: int = Field(10, ge=1, le=10_000, description="How often expired joins are looked for.")
+    arbiter_lease_ms: int = Field(
+        30_000,
+        ge=100,
+        le=3_600_000,
+        description="A claimed text not confirmed (its decision published) within this is decided again.",
+    )
     arbiter_cascade: bool = Field(
         True, description="Ask the cascade voters (the LLM) about unsure texts when the bundle's policy has them."
     )

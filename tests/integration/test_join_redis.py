@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 import pytest
 from flockwatch.arbiter.join import JoinStore, MemoryJoinStore, RedisJoinStore
@@ -27,7 +28,7 @@ def vote(text_id: str, voter: str) -> Vote:
 
 
 @pytest.fixture
-async def two_arbiters() -> tuple[JoinStore, JoinStore]:
+async def two_arbiters() -> AsyncIterator[tuple[JoinStore, JoinStore]]:
     prefix = f"fw:test:{uuid.uuid4().hex[:8]}:"
     a, b = RedisJoinStore(URL, prefix), RedisJoinStore(URL, prefix)
     yield a, b
@@ -101,7 +102,7 @@ async def test_reopened_text_waits_for_the_escalated_vote_then_its_new_deadline(
 
 
 @pytest.fixture(params=["memory", "redis"])
-async def leased(request: pytest.FixtureRequest) -> tuple[JoinStore, JoinStore]:
+async def leased(request: pytest.FixtureRequest) -> AsyncIterator[tuple[JoinStore, JoinStore]]:
     """Two arbiter instances sharing join state, with a short lease: Redis, or one memory store seen twice."""
     if request.param == "memory":
         store = MemoryJoinStore(lease_s=LEASE_S)
