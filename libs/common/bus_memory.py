@@ -45,7 +45,7 @@ class MemoryBus(Bus):
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for task in self._tasks:  # bounded: a handler stuck in a cancelled client call must not block shutdown
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(task, 5.0)
         self._tasks.clear()

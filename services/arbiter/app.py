@@ -64,8 +64,8 @@ class ArbiterService(Service):
     async def stop(self) -> None:
         if self._ticker:
             self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(self._ticker, 5.0)  # a cancelled Redis call must not block shutdown
         try:  # a connection held by the cancelled ticker must not block shutdown
             await asyncio.wait_for(self.store.close(), 2.0)
         except TimeoutError:
