@@ -144,7 +144,7 @@ class TrainerStore:
                 state["version"],
                 state["n_reference"],
                 state["n_live"],
-                state["martingale"],
+                state["max_martingale"],  # the peak that raised the alarm (it may fall again within its batch)
                 state.get("ks") or {},
                 action,
                 run_id,
