@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import uvicorn
 from flockwatch.common import topics
 from flockwatch.common.bus import Bus
 from flockwatch.common.datasets import normalize
 from flockwatch.common.events import Decision, FeedbackSubmitted, ModelPublished, TextSubmitted
+from flockwatch.common.http import EmbeddedServer
 from flockwatch.common.service import Service
 from flockwatch.feedback import telemetry
 from flockwatch.feedback.config import TaskConfig, load_task
@@ -44,14 +42,6 @@ def feedback_kind(msg: FeedbackSubmitted) -> str:
     return "correction" if msg.label is not None else f"thumbs_{msg.thumbs}"
 
 
-class _EmbeddedServer(uvicorn.Server):
-    """uvicorn inside a running service: the host process owns the signals."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 class FeedbackService(Service):
     """Consumes texts, decisions and feedback in batches into Postgres; serves the API and review page."""
 
@@ -62,8 +52,7 @@ class FeedbackService(Service):
         self.bus = bus
         self.task = TaskConfig()
         self._store: FeedbackStore | None = None
-        self._server: _EmbeddedServer | None = None
-        self._serving: asyncio.Task[None] | None = None
+        self._server: EmbeddedServer | None = None
         self._hygiene: asyncio.Task[None] | None = None
         self.hygiene_lock = asyncio.Lock()
         self._new_corrections = 0
@@ -99,28 +88,13 @@ class FeedbackService(Service):
     async def _serve_http(self) -> None:
         from flockwatch.feedback.api import create_app
 
-        config = uvicorn.Config(
-            create_app(self),
-            host=self.settings.feedback_host,
-            port=self.settings.feedback_port,
-            lifespan="off",
-            log_level="warning",
-            access_log=False,
-        )
-        self._server = _EmbeddedServer(config)
-        self._serving = asyncio.create_task(self._server.serve(), name="feedback-http")
-        while not self._server.started:
-            if self._serving.done():
-                self._serving.result()  # raises why it could not start (e.g. the port is taken)
-                raise RuntimeError("the feedback HTTP server stopped during start-up")
-            await asyncio.sleep(0.01)
-        self.http_port = self._server.servers[0].sockets[0].getsockname()[1]
+        self._server = EmbeddedServer.of(create_app(self), self.settings.feedback_host, self.settings.feedback_port)
+        self.http_port = await self._server.start("feedback-http")
         log.info("feedback: HTTP on %s:%s (review page at /review)", self.settings.feedback_host, self.http_port)
 
     async def stop(self) -> None:
-        if self._server is not None and self._serving is not None:
-            self._server.should_exit = True
-            await self._serving
+        if self._server is not None:
+            await self._server.stop()
         if self._hygiene is not None:
             await asyncio.gather(self._hygiene, return_exceptions=True)
         if self._store is not None:
