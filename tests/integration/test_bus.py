@@ -13,6 +13,8 @@ from flockwatch.common.bus_faststream import FastStreamBus
 from flockwatch.common.events import DeadLetter, Event, TextSubmitted, Vote
 from flockwatch.common.settings import CommonSettings
 
+from tests.integration.kafka_echo_worker import echo
+
 CONNECTED = ["memory://", "redis://127.0.0.1:6379/8", "nats://127.0.0.1:4222", "kafka (a Tansu broker)"]
 
 
@@ -27,17 +29,7 @@ def voter_and_sinks(bus: Bus, group: str) -> tuple[list[Vote], list[DeadLetter],
         batches.append(len(msgs))
         if any(m.text == "explode" for m in msgs):
             raise RuntimeError("this text breaks the handler")
-        return [
-            Vote(
-                message_id=Vote.id_for(m.text_id, "echo"),
-                text_id=m.text_id,
-                voter="echo",
-                model_version="1",
-                probabilities={"a": 1.0},
-                latency_ms=0.0,
-            )
-            for m in msgs
-        ]
+        return echo(msgs)
 
     @bus.subscribe(topics.VOTE_CAST, Vote, group=f"{group}-votes")
     async def keep_votes(msgs: list[Vote]) -> list[Event]:
