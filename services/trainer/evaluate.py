@@ -60,11 +60,6 @@ class Run:
     cpu_ms: dict[str, float] = field(default_factory=dict)  # per voter core: CPU-ms per text it scored
     cpu_ms_total: float = 0.0  # voters and arbiter together, per text of the run
 
-    @property
-    def escalated(self) -> np.ndarray:
-        """Texts for which any cascade tier was asked."""
-        return self.rounds > 0
-
     def cascade_report(self, tiers: Sequence[Sequence[str]]) -> dict[str, Any]:
         """Share of texts reaching each round, the voters' measured costs, and CPU-ms per text overall."""
         n = max(len(self.rounds), 1)
