@@ -17,7 +17,14 @@ from flockwatch.common.events import Decision, TextSubmitted
 from flockwatch.common.service import Service
 from flockwatch.gateway.decisions import DecisionBook
 from flockwatch.gateway.limits import BodyLimit
-from flockwatch.gateway.schemas import Accepted, PredictRequest, PredictResponse, Problem
+from flockwatch.gateway.schemas import (
+    Accepted,
+    PredictBatchRequest,
+    PredictBatchResponse,
+    PredictRequest,
+    PredictResponse,
+    Problem,
+)
 from flockwatch.gateway.settings import GatewaySettings
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -34,7 +41,8 @@ class Gateway:
     def __init__(self, settings: GatewaySettings, bus: Bus) -> None:
         self.settings = settings
         self.bus = bus
-        self.book = DecisionBook(settings.gateway_decisions_kept)
+        # a text accepted by POST /texts counts as in flight until decided, or for at most the predict timeout
+        self.book = DecisionBook(settings.gateway_decisions_kept, settings.gateway_predict_timeout_ms / 1000)
         bus.subscribe(topics.DECISION_MADE, Decision, group="gateway", broadcast=True)(self.on_decisions)
 
     async def on_decisions(self, decisions: list[Decision]) -> list[Decision]:
@@ -42,20 +50,61 @@ class Gateway:
         self.book.record(decisions)
         return []
 
-    def admit(self, request: PredictRequest) -> TextSubmitted:
-        """Check a request and turn it into a message, or raise the HTTP error that explains why not."""
-        if not request.text.strip():
-            raise HTTPException(422, "text is empty (it must contain a non-space character)")
-        if len(request.text) > self.settings.gateway_max_text_chars:
+    def admit(self, requests: Sequence[PredictRequest]) -> list[TextSubmitted]:
+        """Messages for requests if all are valid and there is room for all of them in flight, or the HTTP error
+        saying why not (callers register them as in flight before their next await)."""
+        many = len(requests) > 1
+        msgs = [self._message(request, f"texts[{i}]: " if many else "") for i, request in enumerate(requests)]
+        ids = [m.text_id for m in msgs]
+        if len(set(ids)) < len(ids):
+            raise HTTPException(422, "text_id values must be unique within a batch")
+        if self.book.in_flight + len(msgs) > self.settings.gateway_max_in_flight:
+            telemetry.REFUSED.inc(len(msgs))
             raise HTTPException(
-                413, f"text has {len(request.text)} characters; the limit is {self.settings.gateway_max_text_chars}"
+                503,
+                f"too many texts in flight ({self.book.in_flight} of {self.settings.gateway_max_in_flight}); "
+                "retry after the Retry-After seconds",
+                headers={"Retry-After": "1"},
             )
-        if self.book.waiting >= self.settings.gateway_max_in_flight:
-            raise HTTPException(503, "too many texts in flight; retry shortly", headers={"Retry-After": "1"})
+        return msgs
+
+    def _message(self, request: PredictRequest, where: str) -> TextSubmitted:
+        if not request.text.strip():
+            raise HTTPException(422, f"{where}text is empty (it must contain a non-space character)")
+        limit = self.settings.gateway_max_text_chars
+        if len(request.text) > limit:
+            raise HTTPException(413, f"{where}text has {len(request.text)} characters; the limit is {limit}")
         text_id = request.text_id or uuid.uuid4().hex
         return TextSubmitted(
             message_id=f"text:{text_id}", text_id=text_id, text=request.text, metadata=request.metadata
         )
+
+    async def decide(self, msgs: list[TextSubmitted]) -> tuple[dict[str, Decision], list[str]]:
+        """Publish the texts not yet decided and wait for their decisions: (decisions by text id, ids still
+        pending when `gateway_predict_timeout_ms` ran out; their decisions will appear at GET /decisions/{id})."""
+        decided = {m.text_id: d for m in msgs if (d := self.book.get(m.text_id)) is not None}
+        futures: dict[str, asyncio.Future[Decision]] = {}
+        new: list[TextSubmitted] = []
+        for msg in msgs:
+            if msg.text_id not in decided and msg.text_id not in futures:
+                if self.book.waiting_for(msg.text_id) is None:
+                    new.append(msg)
+                futures[msg.text_id] = self.book.wait_for(msg.text_id)
+        if not futures:
+            return decided, []
+        telemetry.IN_FLIGHT.inc(len(futures))
+        try:
+            await self.bus.publish(new)
+            await asyncio.wait(
+                [asyncio.shield(f) for f in futures.values()], timeout=self.settings.gateway_predict_timeout_ms / 1000
+            )
+        finally:
+            telemetry.IN_FLIGHT.dec(len(futures))
+        pending = [text_id for text_id, f in futures.items() if not f.done()]
+        for text_id in pending:
+            self.book.forget_waiter(text_id)
+        decided |= {text_id: f.result() for text_id, f in futures.items() if f.done() and not f.cancelled()}
+        return decided, pending
 
 
 def get_gateway(request: Request) -> Gateway:
@@ -98,28 +147,30 @@ def create_app(
     @app.post("/predict", response_model=PredictResponse, responses={504: {"model": Problem}})
     async def predict(body: PredictRequest, gw: GatewayDep) -> PredictResponse:
         """Classify a text and wait for the decision."""
-        msg = gw.admit(body)
-        known = gw.book.get(msg.text_id)
-        if known is not None:
-            return PredictResponse.of(known)
-        future = gw.book.wait_for(msg.text_id)
-        telemetry.IN_FLIGHT.inc()
-        try:
-            await gw.bus.publish([msg])
-            decision = await asyncio.wait_for(asyncio.shield(future), settings.gateway_predict_timeout_ms / 1000)
-        except TimeoutError as exc:
-            gw.book.forget_waiter(msg.text_id)
+        (msg,) = gw.admit([body])
+        decided, _ = await gw.decide([msg])
+        if msg.text_id not in decided:
             raise HTTPException(
                 504, f"no decision within {settings.gateway_predict_timeout_ms} ms; poll GET /decisions/{msg.text_id}"
-            ) from exc
-        finally:
-            telemetry.IN_FLIGHT.dec()
-        return PredictResponse.of(decision)
+            )
+        return PredictResponse.of(decided[msg.text_id])
+
+    @app.post("/predict/batch", response_model=PredictBatchResponse)
+    async def predict_batch(body: PredictBatchRequest, gw: GatewayDep) -> PredictBatchResponse:
+        """Classify several texts at once and wait for their decisions; the batch is admitted whole or not at
+        all (503). Texts not decided within the timeout come back under `pending` with their status URL."""
+        msgs = gw.admit(body.texts)
+        decided, pending = await gw.decide(msgs)
+        return PredictBatchResponse(
+            decisions=[PredictResponse.of(decided[m.text_id]) for m in msgs if m.text_id in decided],
+            pending=[Accepted(text_id=t, status_url=f"/decisions/{t}") for t in pending],
+        )
 
     @app.post("/texts", status_code=202, response_model=Accepted)
     async def submit(body: PredictRequest, gw: GatewayDep) -> Accepted:
         """Accept a text for classification; the decision appears at the status URL and on the bus."""
-        msg = gw.admit(body)
+        (msg,) = gw.admit([body])
+        gw.book.accept([msg.text_id])
         await gw.bus.publish([msg])
         return Accepted(text_id=msg.text_id, status_url=f"/decisions/{msg.text_id}")
 
@@ -134,7 +185,7 @@ def create_app(
     @app.get("/health")
     async def health(gw: GatewayDep) -> dict[str, object]:
         """Liveness, the bus kind and the texts in flight."""
-        return {"status": "ok", "bus": gw.settings.bus_scheme, "in_flight": gw.book.waiting}
+        return {"status": "ok", "bus": gw.settings.bus_scheme, "in_flight": gw.book.in_flight}
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

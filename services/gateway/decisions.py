@@ -1,24 +1,33 @@
-"""Where the gateway keeps decisions and the requests waiting for them."""
+"""Where the gateway keeps decisions, the requests waiting for them, and the texts still in flight."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
+from collections.abc import Iterable
 
 from flockwatch.common.events import Decision
 
 
 class DecisionBook:
-    """Futures keyed by text id for waiting requests, and a bounded memory of recent decisions."""
+    """Futures keyed by text id for waiting requests, a bounded memory of recent decisions, and the texts
+    accepted without a waiter (`POST /texts`) until their decision comes or `accepted_ttl_s` passes."""
 
-    def __init__(self, keep: int) -> None:
+    def __init__(self, keep: int, accepted_ttl_s: float) -> None:
         self.keep = keep
+        self.accepted_ttl_s = accepted_ttl_s
         self._decisions: OrderedDict[str, Decision] = OrderedDict()
         self._waiting: dict[str, asyncio.Future[Decision]] = {}
+        self._accepted: OrderedDict[str, float] = OrderedDict()  # text id → when accepted (monotonic)
 
     def get(self, text_id: str) -> Decision | None:
         """A remembered decision."""
         return self._decisions.get(text_id)
+
+    def waiting_for(self, text_id: str) -> asyncio.Future[Decision] | None:
+        """The future of a request already waiting for `text_id`, if any."""
+        return self._waiting.get(text_id)
 
     def wait_for(self, text_id: str) -> asyncio.Future[Decision]:
         """A future resolved when the decision for `text_id` arrives (shared by concurrent waiters)."""
@@ -26,6 +35,13 @@ class DecisionBook:
         if future is None:
             future = self._waiting[text_id] = asyncio.get_running_loop().create_future()
         return future
+
+    def accept(self, text_ids: Iterable[str]) -> None:
+        """Count texts accepted without a waiter as in flight until decided (or until the TTL passes)."""
+        now = time.monotonic()
+        for text_id in text_ids:
+            self._accepted[text_id] = now
+            self._accepted.move_to_end(text_id)
 
     def forget_waiter(self, text_id: str) -> None:
         """Drop a waiter that gave up."""
@@ -38,6 +54,7 @@ class DecisionBook:
         for decision in decisions:
             self._decisions[decision.text_id] = decision
             self._decisions.move_to_end(decision.text_id)
+            self._accepted.pop(decision.text_id, None)
             future = self._waiting.pop(decision.text_id, None)
             if future is not None and not future.done():
                 future.set_result(decision)
@@ -48,3 +65,14 @@ class DecisionBook:
     def waiting(self) -> int:
         """Requests waiting for a decision."""
         return len(self._waiting)
+
+    @property
+    def in_flight(self) -> int:
+        """Texts accepted and not yet decided: waited for, or submitted asynchronously within the TTL."""
+        horizon = time.monotonic() - self.accepted_ttl_s
+        while self._accepted:
+            text_id, since = next(iter(self._accepted.items()))
+            if since >= horizon:
+                break
+            del self._accepted[text_id]
+        return len(self._waiting) + len(self._accepted)

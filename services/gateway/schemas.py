@@ -81,6 +81,21 @@ class Accepted(BaseModel):
     status_url: str
 
 
+class PredictBatchRequest(BaseModel):
+    """Several texts to classify together (admitted whole or not at all)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    texts: list[PredictRequest] = Field(min_length=1, max_length=1000, description="1 to 1,000 texts.")
+
+
+class PredictBatchResponse(BaseModel):
+    """Decisions in request order; texts not decided within the timeout are listed as pending."""
+
+    decisions: list[PredictResponse]
+    pending: list[Accepted] = Field(default_factory=list, description="Poll each one's status URL.")
+
+
 class Problem(BaseModel):
     """An error: what was wrong, in words."""
 
