@@ -23,4 +23,5 @@ HANDLER_SECONDS = Histogram(
 VOTES = Counter("flockwatch_votes_total", "Votes cast", ["voter", "outcome"])
 DECISIONS = Counter("flockwatch_decisions_total", "Decisions made", ["path", "outcome"])
 IN_FLIGHT = Gauge("flockwatch_gateway_in_flight", "Texts accepted and waiting for a decision")
+REFUSED = Counter("flockwatch_gateway_refused_total", "Texts refused by admission control (503)")
 MODEL_INFO = Gauge("flockwatch_model_info", "Loaded model versions (value 1)", ["component", "version"])
