@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 FW := $(BIN)/flockwatch
 
-.PHONY: install data models demo demo-redis test lint typecheck bench bench-feedback asyncapi clean
+.PHONY: install data models models-embedding demo demo-redis test lint typecheck bench bench-throughput bench-feedback bench-resources asyncapi clean
 
 install: $(VENV)/.installed
 
@@ -43,8 +43,27 @@ bench: models
 	$(BIN)/python benchmarks/latency.py --models models/sms/current --out benchmarks/results/latency.json
 
 # feedback events over Redis Streams into Postgres (both local), events/min
+# the cheap path (regex, classical, ws, arbiter, gateway) over Redis and embedded, under load; then the same
+# with the embedding voter as a cascade tier (a bundle trained with --embedding)
+bench-throughput: models models-embedding
+	$(BIN)/python benchmarks/throughput.py --models models/sms/current --out benchmarks/results/throughput.json
+	$(BIN)/python benchmarks/throughput.py --models models/sms-embedding/current --cascade --rates 200 400 800 \
+		--out benchmarks/results/throughput-cascade.json
+
+models/sms-embedding/current/manifest.json: | data
+	$(FW) train --data data/sms.csv --out models/sms-embedding --labels configs/sms/labels.yaml --rules configs/sms/rules.yaml \
+		--slices configs/sms/slices.yaml --conformal configs/sms/conformal.yaml --lfs configs/sms/lfs.yaml --embedding
+
+models-embedding: models/sms-embedding/current/manifest.json
+
 bench-feedback: install
 	$(BIN)/python benchmarks/feedback_ingest.py --out benchmarks/results/feedback_ingest.json
+
+# peak RSS of each service process (Redis DB 1), the CPU LLM backend's tokens/s, cost per prediction;
+# RESOURCES_MODELS: a bundle with an embedding voter measures that one too
+RESOURCES_MODELS ?= models/sms/current
+bench-resources: models
+	$(BIN)/python benchmarks/resources.py --models $(RESOURCES_MODELS) --out benchmarks/results/resources.json
 
 asyncapi: install
 	$(FW) asyncapi --out docs/asyncapi.json

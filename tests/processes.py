@@ -8,7 +8,8 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -17,6 +18,7 @@ from flockwatch.common.bus import create_bus
 from flockwatch.common.events import Decision, Event
 from flockwatch.common.kafka_dev import free_port
 from flockwatch.common.settings import CommonSettings
+from prometheus_client.parser import text_string_to_metric_families
 
 FLOCKWATCH = str(Path(sys.executable).with_name("flockwatch"))
 # (service, instance): two classical voters and two arbiters, so that each kind can lose one
@@ -36,11 +38,11 @@ class Proc:
     def __init__(self, name: str, instance: str, env: dict[str, str], logs: Path, port: int | None = None) -> None:
         self.instance = instance
         self.log = logs / f"{instance}.log"
+        self.metrics_port = free_port()  # bus-only services serve Prometheus metrics here (FLOCKWATCH_METRICS_PORT)
         args = [FLOCKWATCH, "serve", name, *(["--port", str(port)] if port else [])]
+        own = {"FLOCKWATCH_INSTANCE_ID": instance, "FLOCKWATCH_METRICS_PORT": str(self.metrics_port)}
         with self.log.open("w") as out:  # a file, not a pipe: a full pipe would block the service
-            self.popen = subprocess.Popen(
-                args, env={**env, "FLOCKWATCH_INSTANCE_ID": instance}, stdout=out, stderr=subprocess.STDOUT
-            )
+            self.popen = subprocess.Popen(args, env={**env, **own}, stdout=out, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 60) -> None:
         """Block until the worker prints `ready`."""
@@ -81,6 +83,7 @@ class Run:
     ids: list[str]
     decisions: list[Decision]
     last_polled: int
+    texts_read: dict[str, float] = field(default_factory=dict)  # per worker: texts it consumed (its metrics)
 
 
 async def run_texts(env: dict[str, str], logs: Path, kill_at: dict[int, list[str]], n: int = 200) -> Run:
@@ -98,6 +101,7 @@ async def run_texts(env: dict[str, str], logs: Path, kill_at: dict[int, list[str
         return []
 
     ids = [f"text-{i:03d}" for i in range(n)]
+    texts_read: dict[str, float] = {}
     try:
         for proc in workers.values():
             proc.wait_ready()
@@ -105,6 +109,8 @@ async def run_texts(env: dict[str, str], logs: Path, kill_at: dict[int, list[str
             await _until_healthy(client)
             texts = [f"message {i}: call me when you get home, or claim your prize now" for i in range(n)]
             for start in range(0, n, 20):
+                if kill_at.get(start):  # what each worker had read, before some of them die
+                    texts_read |= await _texts_read(client, [w for w in workers.values() if w.popen.poll() is None])
                 for instance in kill_at.get(start, []):
                     workers[instance].kill()
                 replies = await asyncio.gather(
@@ -121,10 +127,11 @@ async def run_texts(env: dict[str, str], logs: Path, kill_at: dict[int, list[str
                 await asyncio.sleep(0.05)
             await asyncio.sleep(2)  # time for any duplicate to show up
             polled = await client.get(f"/decisions/{ids[-1]}")
+            texts_read |= await _texts_read(client, [w for w in workers.values() if w.popen.poll() is None])
     finally:
         for proc in [gateway, *workers.values()]:
             proc.stop()
-    return Run(ids, decisions, polled.status_code)
+    return Run(ids, decisions, polled.status_code, texts_read)
 
 
 def assert_one_decision_each(run: Run, arbiters: set[str]) -> None:
@@ -135,6 +142,22 @@ def assert_one_decision_each(run: Run, arbiters: set[str]) -> None:
     assert run.last_polled == 200
     by_arbiter = Counter(d.arbiter_instance for d in run.decisions)
     assert set(by_arbiter) == arbiters, by_arbiter  # the arbiters shared the load
+    # so did the two classical voters (one consumer group): each read part of the texts, per its metrics port
+    assert run.texts_read["classical-1"] > 0 and run.texts_read["classical-2"] > 0, run.texts_read
+
+
+async def _texts_read(client: httpx.AsyncClient, workers: Iterable[Proc]) -> dict[str, float]:
+    """flockwatch_messages_in_total on the texts topic, from each worker's metrics port."""
+    read = {}
+    for worker in workers:
+        text = (await client.get(f"http://127.0.0.1:{worker.metrics_port}/metrics")).text
+        read[worker.instance] = sum(
+            s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "flockwatch_messages_in_total" and s.labels.get("topic") == topics.TEXT_SUBMITTED
+        )
+    return read
 
 
 async def _until_healthy(client: httpx.AsyncClient) -> None:

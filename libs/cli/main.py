@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 from flockwatch.cli.asyncapi_cmd import asyncapi
 from flockwatch.cli.kafka_cmd import kafka
+from flockwatch.cli.token_cmd import token_app
 from flockwatch.common.artifacts import ArtifactError
 from flockwatch.common.datasets import DataError, prepare_bundled, read_table, split
 from flockwatch.common.yamlconfig import ConfigError
@@ -30,6 +31,7 @@ app.add_typer(lf_app, name="lf", help="Inspect the weak-supervision voter's labe
 app.add_typer(llm_app, name="llm", help="The LLM voter: base model set-up.")
 app.add_typer(feedback_app, name="feedback", help="Feedback: migrate the schema, check labels, export training rows.")
 app.add_typer(models_app, name="models", help="Model versions: list, show, compare, rollback.")
+app.add_typer(token_app, name="token", help="API tokens: create (shown once, stored hashed), list, revoke.")
 app.command("retrain")(retrain)
 app.command("train-lora")(train_lora_cmd)
 app.command("asyncapi")(asyncapi)

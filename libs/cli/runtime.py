@@ -8,12 +8,15 @@ import signal
 from collections.abc import Callable
 
 import uvicorn
+import uvloop
 from flockwatch.arbiter.app import ArbiterService
 from flockwatch.arbiter.settings import ArbiterSettings
 from flockwatch.classical_voter.app import ClassicalVoterService
 from flockwatch.classical_voter.embedding_app import EmbeddingVoterService
 from flockwatch.classical_voter.settings import EmbeddingSettings
+from flockwatch.common import telemetry, tracing
 from flockwatch.common.bus import Bus, create_bus
+from flockwatch.common.metrics_http import serve_metrics
 from flockwatch.common.service import Service
 from flockwatch.common.settings import CommonSettings
 from flockwatch.gateway.app import create_app
@@ -76,10 +79,16 @@ async def run_workers(bus: Bus, services: list[Service]) -> None:
         loop.add_signal_handler(sig, stop.set)
     for service in services:
         await service.start()
-    async with bus:
-        log.info("running %s on %s", ", ".join(s.name for s in services), bus.settings.bus_scheme)
-        print("ready", flush=True)  # noqa: T201 - a line the process supervisor (and tests) wait for
-        await stop.wait()
+    metrics = serve_metrics(bus.settings)  # Prometheus's way in: these services have no HTTP API of their own
+    try:
+        async with bus:
+            log.info("running %s on %s", ", ".join(s.name for s in services), bus.settings.bus_scheme)
+            print("ready", flush=True)  # noqa: T201 - a line the process supervisor (and tests) wait for
+            await stop.wait()
+    finally:
+        if metrics is not None:
+            metrics[0].shutdown()
+            metrics[0].server_close()
     for service in services:
         await service.stop()
 
@@ -87,9 +96,12 @@ async def run_workers(bus: Bus, services: list[Service]) -> None:
 def serve(names: list[str], host: str | None = None, port: int | None = None) -> None:
     """Run the named services in this process; with the gateway, behind uvicorn (uvloop + httptools)."""
     settings = GatewaySettings()
+    tracing.configure(settings, f"flockwatch-{names[0]}" if len(names) == 1 else "flockwatch")
+    for name in names:
+        telemetry.SERVICE_INFO.labels(name, settings.bus_scheme).set(1)
     bus, services = build(names, settings)
     if "gateway" not in names:
-        asyncio.run(run_workers(bus, services))
+        uvloop.run(run_workers(bus, services))
         return
     app = create_app(settings, bus, services)
     uvicorn.run(

@@ -59,6 +59,19 @@ def manifest_sha256(directory: Path) -> str:
     return sha256_file(directory / MANIFEST)
 
 
+def check_announced(directory: Path, announced_sha256: str) -> None:
+    """Refuse an announced bundle (`ModelPublished`) unless its manifest is the one announced and every file of
+    it matches: a bundle is taken whole or not at all, so that no service moves to a version another refuses."""
+    if not (Path(directory) / MANIFEST).exists():
+        raise ArtifactError(f"{directory}: no {MANIFEST} (not an artifact directory)")
+    actual = manifest_sha256(Path(directory))
+    if actual != announced_sha256:
+        raise ArtifactError(
+            f"{directory}: {MANIFEST} has sha256 {actual[:12]}…, the announcement says {announced_sha256[:12]}…"
+        )
+    read_manifest(directory, verify=True)
+
+
 def read_manifest(directory: Path, verify: bool = True) -> Manifest:
     """Read a manifest; with `verify`, check every file's sha256 and refuse extra or missing files."""
     path = Path(directory) / MANIFEST

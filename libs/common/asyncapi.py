@@ -116,7 +116,31 @@ def build_asyncapi(routes: Iterable[Route[Any]]) -> dict[str, Any]:
     spec = AsyncAPI(broker, title=TITLE, version=_version(), description=DESCRIPTION, schema_version="3.0.0")
     doc: dict[str, Any] = json.loads(json.dumps(spec.to_specification().to_jsonable()))
     _add_group_ids(doc, groups)
+    _add_headers(doc)
     return _sorted_sections(doc)
+
+
+# Message headers every transport carries (Kafka record headers, Redis Streams and NATS message headers).
+HEADERS = {
+    "type": "object",
+    "properties": {
+        "content-type": {"type": "string", "const": "application/json"},
+        "traceparent": {
+            "type": "string",
+            "description": "W3C trace context of the span that sent the message (FLOCKWATCH_TRACING on): the "
+            "consumer's span for the message is its child, so one text's messages form one trace.",
+            "pattern": "^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$",
+        },
+        "tracestate": {"type": "string", "description": "W3C trace state, when the trace has one."},
+    },
+}
+
+
+def _add_headers(doc: dict[str, Any]) -> None:
+    components = doc.setdefault("components", {})
+    components.setdefault("schemas", {})["MessageHeaders"] = HEADERS
+    for message in components.get("messages", {}).values():
+        message["headers"] = {"$ref": "#/components/schemas/MessageHeaders"}
 
 
 def services_asyncapi() -> dict[str, Any]:

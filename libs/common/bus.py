@@ -12,19 +12,40 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 
-from flockwatch.common import telemetry, topics
+from asyncpg import CannotConnectNowError, PostgresConnectionError
+from flockwatch.common import telemetry, topics, tracing
 from flockwatch.common.events import DeadLetter, Event
 from flockwatch.common.settings import CommonSettings
 from pydantic import ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = logging.getLogger(__name__)
 E = TypeVar("E", bound=Event)
 Handler = Callable[[list[E]], Awaitable[Sequence[Event]]]
-MAX_DEAD_PAYLOAD = 256 * 1024
+MAX_DEAD_PAYLOAD = 256 * 1024  # bytes of the payload as JSON in the dead letter (escapes included)
+
+
+class BusUnavailable(RuntimeError):
+    """The broker could not be reached to publish, even after retrying with backoff (`publish_retry_s`)."""
+
+
+# The infrastructure a handler talks to is down (the broker, Redis, Postgres): its batch is not poison. It is
+# not dead-lettered but handled again later (the broker redelivers it; the memory bus retries it).
+TRANSIENT: tuple[type[BaseException], ...] = (
+    ConnectionError,
+    TimeoutError,
+    BusUnavailable,
+    RedisConnectionError,
+    RedisTimeoutError,
+    PostgresConnectionError,
+    CannotConnectNowError,
+)
+TRANSIENT_PAUSE_S = 1.0  # before a failed batch is given back: redeliveries must not spin while a service is down
 
 
 @dataclass
@@ -101,13 +122,24 @@ class Bus(ABC):
         """Publish events, each to its type's topic, keyed by its text id; concurrently (pipelined)."""
         if not events:
             return
-        await asyncio.gather(*(self.publish_raw(e.TOPIC, e.model_dump_json().encode(), e.key) for e in events))
+        if tracing.ENABLED:  # a send span per event; its context travels in the message's headers
+            with tracing.sending(events, self.settings.bus_scheme) as headers:
+                await self.publish_many(
+                    [(e.TOPIC, e.model_dump_json().encode(), e.key, h) for e, h in zip(events, headers, strict=True)]
+                )
+        else:
+            await self.publish_many([(e.TOPIC, e.model_dump_json().encode(), e.key, None) for e in events])
         for e in events:
             telemetry.MESSAGES_OUT.labels(e.TOPIC).inc()
 
+    async def publish_many(self, items: Sequence[tuple[str, bytes, str, Mapping[str, str] | None]]) -> None:
+        """Put several (topic, payload, key, headers) messages on the bus; a transport that can send them in one
+        round trip does (Redis: one pipeline), the others send them concurrently."""
+        await asyncio.gather(*(self.publish_raw(*item) for item in items))
+
     @abstractmethod
-    async def publish_raw(self, topic: str, payload: bytes, key: str) -> None:
-        """Put raw bytes on a topic (tests use it to inject poison messages)."""
+    async def publish_raw(self, topic: str, payload: bytes, key: str, headers: Mapping[str, str] | None = None) -> None:
+        """Put raw bytes on a topic with optional headers (trace context); tests inject poison messages."""
 
     @abstractmethod
     async def start(self) -> None:
@@ -128,14 +160,25 @@ class Bus(ABC):
         """The consumer group name on the wire: shared by instances, or per instance for broadcasts."""
         return f"{route.group}.{self.settings.instance_id}" if route.broadcast else route.group
 
-    async def dispatch(self, route: Route[E], items: Sequence[Any]) -> None:
-        """Decode a raw batch, dead-letter what is invalid, drop redeliveries, run the handler, publish."""
+    async def dispatch(
+        self, route: Route[E], items: Sequence[Any], headers: Sequence[Mapping[str, Any] | None] | None = None
+    ) -> None:
+        """Decode a raw batch, dead-letter what is invalid, drop redeliveries, run the handler, publish.
+
+        `headers[i]` are item i's message headers (with tracing on, its trace context is the parent of its span)."""
         group = route.group
         seen = self._seen.setdefault(group, SeenIds(self.settings.dedupe_window))
         telemetry.MESSAGES_IN.labels(route.topic, group).inc(len(items))
         events: list[E] = []
         dead: list[DeadLetter] = []
-        for raw in items:
+        carriers: list[Mapping[str, Any] | None] = []
+        batch_ids: set[str] = set()
+        for i, raw in enumerate(items):
+            size = len(raw) if isinstance(raw, bytes | str) else 0
+            if size > self.settings.max_message_bytes:  # not parsed: a huge JSON costs time and memory
+                limit = self.settings.max_message_bytes
+                dead.append(self._dead_letter(route, raw, f"message of {size} bytes exceeds the limit of {limit}"))
+                continue
             try:
                 event = (
                     route.model.model_validate_json(raw)
@@ -145,10 +188,24 @@ class Bus(ABC):
             except ValidationError as exc:
                 dead.append(self._dead_letter(route, raw, f"invalid {route.model.__name__}: {exc}"))
                 continue
-            if event.message_id in seen or any(e.message_id == event.message_id for e in events):
+            if event.message_id in seen or event.message_id in batch_ids:
                 telemetry.DUPLICATES.labels(route.topic, group).inc()
                 continue
+            batch_ids.add(event.message_id)
             events.append(event)
+            if tracing.ENABLED:
+                carriers.append(headers[i] if headers else None)
+        if tracing.ENABLED and events:
+            with tracing.consuming(route.topic, group, self.settings.bus_scheme, events, carriers):
+                await self._handle(route, events, dead)
+        else:
+            await self._handle(route, events, dead)
+        for event in events:
+            seen.add(event.message_id)
+
+    async def _handle(self, route: Route[E], events: list[E], dead: list[DeadLetter]) -> None:
+        """Run the handler on the valid events, publish its outputs and the dead letters."""
+        group = route.group
         outputs: list[Event] = []
         if events:
             telemetry.BATCH_SIZE.labels(group).observe(len(events))
@@ -157,12 +214,12 @@ class Bus(ABC):
             telemetry.HANDLER_SECONDS.labels(group).observe(time.perf_counter() - start)
             dead += failed
         await self.publish([*outputs, *dead])
-        for event in events:
-            seen.add(event.message_id)
 
     async def _run(self, route: Route[E], events: list[E]) -> tuple[list[Event], list[DeadLetter]]:
         try:
             return list(await route.handler(events)), []
+        except TRANSIENT as exc:
+            await self._give_back(route, events, exc)
         except Exception:  # noqa: BLE001 - isolate the message that breaks the batch
             log.exception("handler %s failed on a batch of %d; retrying one by one", route.group, len(events))
         outputs: list[Event] = []
@@ -170,23 +227,50 @@ class Bus(ABC):
         for event in events:
             try:
                 outputs += await route.handler([event])
+            except TRANSIENT as exc:
+                await self._give_back(route, events, exc)
             except Exception as exc:  # noqa: BLE001 - a poison message goes to the dead-letter topic
                 dead.append(self._dead_letter(route, event.model_dump_json(), f"{type(exc).__name__}: {exc}"))
         return outputs, dead
+
+    @staticmethod
+    async def _give_back(route: Route[Any], events: list[Any], exc: BaseException) -> NoReturn:
+        name, size = type(exc).__name__, len(events)
+        log.warning("handler %s: %s: %s; its batch of %d is handled again later", route.group, name, exc, size)
+        await asyncio.sleep(TRANSIENT_PAUSE_S)
+        raise exc
 
     def _dead_letter(self, route: Route[Any], raw: Any, error: str) -> DeadLetter:
         text, size = _as_text(raw)
         telemetry.DEAD_LETTERS.labels(route.topic, route.group).inc()
         log.warning("dead letter on %s for %s: %s", route.topic, route.group, error.splitlines()[0][:300])
+        # a quarter of the size limit at most: a dead letter must never be too large itself (it would loop)
+        kept = _clip(text, min(MAX_DEAD_PAYLOAD, self.settings.max_message_bytes // 4))
         return DeadLetter(
             message_id=f"dead:{route.group}:{time.time_ns()}",
             topic=route.topic,
             consumer=route.group,
             error=error[:4000],
-            payload=text[:MAX_DEAD_PAYLOAD],
+            payload=kept,
             payload_size=size,
-            truncated=len(text) > MAX_DEAD_PAYLOAD,
+            truncated=len(kept) < len(text),
         )
+
+
+def _json_size(text: str) -> int:
+    return len(json.dumps(text, ensure_ascii=False).encode("utf-8", errors="replace"))
+
+
+def _clip(text: str, limit: int) -> str:
+    """The longest prefix of `text` whose JSON form fits in `limit` bytes: a dead letter stays below the message
+    size limit whatever its payload's characters (multi-byte, escaped), so it is never dead-lettered itself."""
+    if len(text) <= limit // 6 or _json_size(text) <= limit:  # 6 bytes: the longest JSON form of one character
+        return text
+    low, high = 0, min(len(text), limit)
+    while low < high:  # the largest fitting prefix length (fitting is monotone in the length)
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if _json_size(text[:mid]) <= limit else (low, mid - 1)
+    return text[:low]
 
 
 def create_bus(settings: CommonSettings) -> Bus:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import Annotated, ClassVar, Literal
 
 from flockwatch.common import topics
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 SCHEMA_VERSION: Literal[1] = 1
 
@@ -29,6 +29,13 @@ class Event(BaseModel):
     timestamp: datetime = Field(default_factory=utcnow, description="When the message was created (UTC).")
 
     TOPIC: ClassVar[str]
+
+    @field_validator("timestamp")
+    @classmethod
+    def _in_utc(cls, value: datetime) -> datetime:
+        # a producer's timestamp without a time zone is UTC (the contract); naive and aware times never meet in
+        # a handler (their difference raises TypeError)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
     @property
     def key(self) -> str:
@@ -70,6 +77,9 @@ class Vote(Event):
     safety: list[SafetyTrigger] = Field(default_factory=list, description="Safety triggers that fired.")
     evidence: list[str] = Field(default_factory=list, description="Why: e.g. the ids of the rules that fired.")
     latency_ms: float = Field(ge=0, description="Time the voter spent on this text (its batch share).")
+    submitted_at: datetime | None = Field(
+        None, description="When the text was submitted (or the vote asked for): tells how far behind the voter is."
+    )
 
     @model_validator(mode="after")
     def _probabilities_or_abstain(self) -> Vote:

@@ -14,6 +14,7 @@ class EmbeddedServer(uvicorn.Server):
     """uvicorn without its signal handlers; `start` returns once it listens, `stop` waits for it to end."""
 
     _task: asyncio.Task[None] | None = None
+    _app: FastAPI | None = None
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -22,7 +23,9 @@ class EmbeddedServer(uvicorn.Server):
     @classmethod
     def of(cls, app: FastAPI, host: str, port: int) -> EmbeddedServer:
         """A server for `app` (no lifespan: the service owns its resources)."""
-        return cls(uvicorn.Config(app, host=host, port=port, lifespan="off", log_level="warning", access_log=False))
+        server = cls(uvicorn.Config(app, host=host, port=port, lifespan="off", log_level="warning", access_log=False))
+        server._app = app
+        return server
 
     async def start(self, name: str) -> int:
         """Serve in a task; returns the bound port (useful with port 0)."""
@@ -41,3 +44,6 @@ class EmbeddedServer(uvicorn.Server):
             self.should_exit = True
             await self._task
             self._task = None
+        guard = getattr(self._app.state, "guard", None) if self._app else None  # auth.py: rate-limit connections
+        if guard is not None:  # (closed here: without a lifespan, the app has no shutdown of its own)
+            await guard.aclose()

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal, cast
 
 from flockwatch.common import telemetry, topics
-from flockwatch.common.artifacts import ArtifactError
+from flockwatch.common.artifacts import ArtifactError, check_announced
 from flockwatch.common.bus import Bus
 from flockwatch.common.events import ModelPublished, TextSubmitted, Vote, VoteRequested
 from flockwatch.common.settings import CommonSettings
@@ -77,7 +77,7 @@ class VoterService(Service):
             )
             return
         log.info("%s: loaded %s (%s)", self.name, self.core.version, ", ".join(self.core.voters))
-        telemetry.MODEL_INFO.labels(self.name, self.core.version).set(1)
+        telemetry.set_model_version(self.name, self.core.version)
 
     async def on_texts(self, msgs: list[TextSubmitted]) -> list[Vote]:
         """Vote on a batch of texts."""
@@ -95,6 +95,7 @@ class VoterService(Service):
         wanted = [m for m in msgs if set(m.voters) & set(core.voters)]
         fresh = [m for m in wanted if (now - m.timestamp).total_seconds() * 1000 < m.deadline_ms]
         self.expired += len(wanted) - len(fresh)
+        telemetry.REQUESTS_EXPIRED.labels(self.name).inc(len(wanted) - len(fresh))
         if not fresh:
             return []
         # to_vote reads only the text id, which a VoteRequested carries too
@@ -110,7 +111,11 @@ class VoterService(Service):
             for msg, opinion in zip(msgs, column, strict=True)
         ]
         for vote in votes:
-            telemetry.VOTES.labels(vote.voter, "abstain" if vote.abstain else "vote").inc()
+            if vote.abstain or not vote.probabilities:
+                telemetry.VOTES.labels(vote.voter, "abstain", "").inc()
+            else:
+                top = max(vote.probabilities, key=vote.probabilities.__getitem__)
+                telemetry.VOTES.labels(vote.voter, "vote", top).inc()
         return votes
 
     async def on_model(self, msgs: list[ModelPublished]) -> list[Vote]:
@@ -119,8 +124,9 @@ class VoterService(Service):
             if msg.component not in ("bundle", self.name):
                 continue
             try:
+                await asyncio.to_thread(check_announced, Path(msg.path), msg.manifest_sha256)
                 self.core = await asyncio.to_thread(self.load, Path(msg.path))
-            except (ArtifactError, OSError, ValueError) as exc:
+            except (ArtifactError, OSError, ValueError, TypeError) as exc:
                 log.error("%s: refused model %s from %s: %s", self.name, msg.version, msg.path, exc)
                 continue
             self._announce()

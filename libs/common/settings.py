@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Annotated, Literal
 
+from flockwatch.common.tokens import valid_rate
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 BUS_SCHEMES = ("memory", "kafka", "redis", "rediss", "nats")
 
@@ -45,7 +47,64 @@ class CommonSettings(BaseSettings):
     state_url: str | None = Field(
         None, description="Redis URL for shared state (arbiter joins, decisions); default: the bus if Redis."
     )
+    publish_retry_s: float = Field(
+        15.0,
+        ge=0,
+        le=600,
+        description="Retry a publish (exponential backoff) this long while the broker is unreachable (a restart).",
+    )
+    redis_claim_idle_ms: int = Field(
+        30_000,
+        ge=0,
+        le=3_600_000,
+        description="Redis: a work group's entries read but not acknowledged this long (their consumer died, or "
+        "its batch failed) are claimed by a live instance and handled again (XAUTOCLAIM); 0: never. Keep it above "
+        "the slowest batch's handling time, or a slow batch is handled twice.",
+    )
+    max_message_bytes: int = Field(
+        1_048_576, ge=65_536, description="Larger messages go to the dead-letter topic unparsed."
+    )
+    # HTTP APIs (libs/common/auth.py): tokens, rate limits, CORS
+    auth_tokens_file: Path | None = Field(
+        None, description="YAML of hashed API tokens (`flockwatch token create`); set: every API route needs one."
+    )
+    auth_required: bool = Field(False, description="Refuse to start an HTTP API without a token file (production).")
+    rate_limit: str | None = Field(
+        "600/minute", description="Requests per token (moving window), e.g. 100/minute, 20/second; empty: off."
+    )
+    rate_limit_url: str | None = Field(
+        None, description="Redis for the rate-limit counters; default: the shared state Redis, else in memory."
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origins allowed to call the APIs from a browser (comma-separated); none: no CORS headers at all.",
+    )
     log_level: str = "INFO"
+    tracing: Literal["off", "console", "otlp"] = Field(
+        "off", description="OpenTelemetry spans: off (no cost), console (stdout, for dev) or otlp (OTLP over HTTP)."
+    )
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP collector base URL (e.g. http://jaeger:4318); default: OTEL_EXPORTER_OTLP_ENDPOINT "
+        "or http://localhost:4318.",
+    )
+    tracing_sample_ratio: float = Field(
+        1.0, ge=0, le=1, description="Share of texts traced (decided at the gateway; later hops follow)."
+    )
+    metrics_port: int | None = Field(
+        None, ge=0, le=65_535, description="Bus-only services: serve Prometheus /metrics on this port; off when unset."
+    )
+    metrics_host: str = Field("127.0.0.1", description="Address the metrics port listens on (0.0.0.0 in containers).")
+
+    @field_validator("rate_limit", mode="before")
+    @classmethod
+    def _rate(cls, value: str | None) -> str | None:
+        return valid_rate(value.strip() or None) if isinstance(value, str) else value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins(cls, value: object) -> object:
+        return [o.strip() for o in value.split(",") if o.strip()] if isinstance(value, str) else value
 
     @field_validator("bus_url")
     @classmethod

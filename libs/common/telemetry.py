@@ -20,8 +20,49 @@ HANDLER_SECONDS = Histogram(
     ["group"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
-VOTES = Counter("flockwatch_votes_total", "Votes cast", ["voter", "outcome"])
-DECISIONS = Counter("flockwatch_decisions_total", "Decisions made", ["path", "outcome"])
+# outcome vote|abstain; label: the voted class (the most probable), empty for an abstention
+VOTES = Counter("flockwatch_votes_total", "Votes cast", ["voter", "outcome", "label"])
+# path consensus|combiner|no_votes|escalated; outcome answer|abstain|pending (escalated); label: the answer, or empty
+DECISIONS = Counter("flockwatch_decisions_total", "Decisions made", ["path", "outcome", "label"])
+DECISION_SECONDS = Histogram(
+    "flockwatch_decision_latency_seconds",
+    "From a text's submission to its decision",
+    ["path"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+CASCADE_REQUESTS = Counter(
+    "flockwatch_cascade_requests_total", "Votes the arbiter asked of a cascade tier (embedding, LLM)", ["tier", "voter"]
+)
+REQUESTS_EXPIRED = Counter(
+    "flockwatch_vote_requests_expired_total", "Cascade requests that arrived past their deadline", ["service"]
+)
 IN_FLIGHT = Gauge("flockwatch_gateway_in_flight", "Texts accepted and waiting for a decision")
 REFUSED = Counter("flockwatch_gateway_refused_total", "Texts refused by admission control (503)")
 MODEL_INFO = Gauge("flockwatch_model_info", "Loaded model versions (value 1)", ["component", "version"])
+SERVICE_INFO = Gauge("flockwatch_service_info", "Services running in this process (value 1)", ["service", "bus"])
+HTTP_REQUESTS = Counter("flockwatch_http_requests_total", "HTTP requests", ["app", "method", "route", "status"])
+HTTP_SECONDS = Histogram(
+    "flockwatch_http_request_seconds",
+    "HTTP request time",
+    ["app", "route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+TRAINING_RUNS = Counter("flockwatch_training_runs_total", "Training runs finished", ["status"])
+DRIFT_MARTINGALE = Gauge("flockwatch_drift_martingale", "The drift monitor's test martingale (alarm at 1/delta)")
+DRIFT_ALARMS = Counter("flockwatch_drift_alarms_total", "Drift alarms raised", ["action"])
+AUTH_REFUSED = Counter("flockwatch_http_auth_refused_total", "Requests refused by token checks", ["status"])
+RATE_LIMITED = Counter("flockwatch_http_rate_limited_total", "Requests refused over a token's rate limit", ["token"])
+RATE_LIMIT_ERRORS = Counter("flockwatch_http_rate_limit_errors_total", "Rate-limit checks skipped (storage down)")
+CACHE_LOOKUPS = Counter("flockwatch_gateway_cache_total", "Prediction cache lookups", ["result"])  # hit/miss/error
+CACHE_WRITES = Counter("flockwatch_gateway_cache_writes_total", "Decisions offered to the cache", ["result"])
+
+_versions: dict[str, str] = {}  # component → the version MODEL_INFO shows
+
+
+def set_model_version(component: str, version: str) -> None:
+    """Mark `version` as the one `component` runs now (a reload drops the old version's series)."""
+    old = _versions.get(component)
+    if old is not None and old != version:
+        MODEL_INFO.remove(component, old)
+    _versions[component] = version
+    MODEL_INFO.labels(component, version).set(1)

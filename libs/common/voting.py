@@ -38,6 +38,7 @@ def to_vote(msg: TextSubmitted, voter: str, version: str, opinion: Opinion, late
         safety=list(opinion.safety),
         evidence=list(opinion.evidence),
         latency_ms=latency_ms,
+        submitted_at=msg.timestamp,
     )
 
 

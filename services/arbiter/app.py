@@ -9,10 +9,18 @@ import time
 from pathlib import Path
 
 from flockwatch.arbiter.join import JoinStore, MemoryJoinStore, Ready, RedisJoinStore, Submitted
+from flockwatch.arbiter.liveness import VoterWatch
 from flockwatch.arbiter.model import ArbiterPolicy, DecideItem, Escalation
 from flockwatch.arbiter.settings import ArbiterSettings
 from flockwatch.common import telemetry, topics
-from flockwatch.common.artifacts import ArtifactError, load_joblib, load_json, read_manifest, verified_file
+from flockwatch.common.artifacts import (
+    ArtifactError,
+    check_announced,
+    load_joblib,
+    load_json,
+    read_manifest,
+    verified_file,
+)
 from flockwatch.common.bus import Bus
 from flockwatch.common.events import Decision, Event, ModelPublished, TextSubmitted, Vote, VoteRequested
 from flockwatch.common.service import Service
@@ -46,6 +54,7 @@ class ArbiterService(Service):
             else MemoryJoinStore(lease_s=settings.arbiter_lease_ms / 1000)
         )
         self._ticker: asyncio.Task[None] | None = None
+        self.voters = VoterWatch(settings.arbiter_voter_silence_ms / 1000, settings.arbiter_max_extra_wait_ms / 1000)
         bus.subscribe(topics.TEXT_SUBMITTED, TextSubmitted, group=self.name)(self.on_texts)
         bus.subscribe(topics.VOTE_CAST, Vote, group=self.name)(self.on_votes)
         bus.subscribe(topics.MODEL_PUBLISHED, ModelPublished, group=self.name, broadcast=True)(self.on_model)
@@ -58,7 +67,7 @@ class ArbiterService(Service):
     async def start(self) -> None:
         policy: ArbiterPolicy = await asyncio.to_thread(load_policy, self.settings.model_dir)
         self.policy = policy
-        telemetry.MODEL_INFO.labels(self.name, policy.version).set(1)
+        telemetry.set_model_version(self.name, policy.version)
         self._ticker = asyncio.create_task(self._tick(), name="arbiter-deadlines")
 
     async def stop(self) -> None:
@@ -72,7 +81,9 @@ class ArbiterService(Service):
             log.warning("arbiter: join store did not close within 2 s")
 
     async def on_texts(self, msgs: list[TextSubmitted]) -> list[Event]:
-        """Start each text's deadline clock at its submission time; keep its text for slices and escalation."""
+        """Start each text's deadline clock (from now: see `JoinStore.add_texts`); keep its text for slices and
+        escalation, and its submission time for the decision's latency."""
+        self.voters.saw_texts(time.time() - max(m.timestamp.timestamp() for m in msgs))
         items = [Submitted(m.text_id, m.timestamp.timestamp(), m.text, dict(m.metadata)) for m in msgs]
         await self.store.add_texts(items, self.deadline_s)
         return []
@@ -80,7 +91,17 @@ class ArbiterService(Service):
     async def on_votes(self, votes: list[Vote]) -> list[Event]:
         """Store votes; decide (or escalate) the texts that are now complete, publish, then confirm them."""
         assert self.policy is not None
-        ready = await self.store.add_votes(votes, len(self.policy.first_stage_voters), self.deadline_s)
+        now = time.time()
+        lags: dict[str, float] = {}  # per voter: how long ago the freshest text it voted on was submitted
+        for vote in votes:
+            if vote.submitted_at is not None:
+                lag = now - vote.submitted_at.timestamp()
+                lags[vote.voter] = min(lag, lags.get(vote.voter, lag))
+            else:
+                lags.setdefault(vote.voter, 0.0)
+        self.voters.saw_votes(lags)
+        expected = len(self.voters.live(self.policy.first_stage_voters))
+        ready = await self.store.add_votes(votes, expected, self.deadline_s)
         try:
             await self._publish(await self._decide(ready))
         except Exception:  # noqa: BLE001 - the votes are stored: the deadline path decides once the claims' leases end
@@ -92,9 +113,13 @@ class ArbiterService(Service):
         for msg in msgs:
             if msg.component in ("bundle", self.name):
                 try:
-                    self.policy = await asyncio.to_thread(load_policy, Path(msg.path))
-                except (ArtifactError, OSError, ValueError) as exc:
+                    await asyncio.to_thread(check_announced, Path(msg.path), msg.manifest_sha256)
+                    policy = await asyncio.to_thread(load_policy, Path(msg.path))
+                except (ArtifactError, OSError, ValueError, TypeError) as exc:
                     log.error("arbiter: refused model %s: %s", msg.version, exc)
+                    continue
+                self.policy = policy
+                telemetry.set_model_version(self.name, policy.version)
         return []
 
     async def _decide(self, ready: list[Ready]) -> list[Event]:
@@ -130,10 +155,16 @@ class ArbiterService(Service):
                         tier=outcome.tier,
                     )
                 )
-                telemetry.DECISIONS.labels("escalated", "pending").inc()
+                telemetry.DECISIONS.labels("escalated", "pending", "").inc()
+                for voter in outcome.voters:
+                    telemetry.CASCADE_REQUESTS.labels(str(outcome.tier), voter).inc()
                 continue
             decision = outcome.model_copy(update={"arbiter_instance": self.settings.instance_id})
-            telemetry.DECISIONS.labels(decision.path, "abstain" if decision.abstain else "answer").inc()
+            answered = not decision.abstain and decision.prediction is not None
+            telemetry.DECISIONS.labels(
+                decision.path, "answer" if answered else "abstain", decision.prediction if answered else ""
+            ).inc()
+            telemetry.DECISION_SECONDS.labels(decision.path).observe(decision.latency_ms / 1000)
             out.append(decision)
         return out
 
@@ -143,11 +174,22 @@ class ArbiterService(Service):
         await self.store.confirm([e.text_id for e in events if isinstance(e, Decision)])
 
     async def _tick(self) -> None:
+        failures = 0  # in a row: while Redis is down the loop backs off (to 2 s) and logs the traceback once
         while True:
-            await asyncio.sleep(self.settings.arbiter_tick_ms / 1000)
+            tick_s = self.settings.arbiter_tick_ms / 1000
+            await asyncio.sleep(min(2.0, tick_s * 2**failures) if failures else tick_s)
             try:
-                ready = await self.store.pop_expired(time.time())
+                voters = self.policy.first_stage_voters if self.policy else []
+                ready = await self.store.pop_expired(time.time() - self.voters.extra_wait_s(voters))
                 if ready:
                     await self._publish(await self._decide(ready))
-            except Exception:  # noqa: BLE001 - the deadline loop must survive a broker hiccup
-                log.exception("arbiter: deadline check failed; retrying")
+            except Exception as exc:  # noqa: BLE001 - the deadline loop must survive a broker hiccup
+                if not failures:
+                    log.exception("arbiter: deadline check failed; retrying with backoff")
+                else:
+                    log.warning("arbiter: deadline check failed again (%s: %s)", type(exc).__name__, exc)
+                failures = min(failures + 1, 16)
+            else:
+                if failures:
+                    log.info("arbiter: deadline checks work again after %d failures", failures)
+                failures = 0

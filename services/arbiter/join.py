@@ -57,7 +57,11 @@ class JoinStore(ABC):
 
     @abstractmethod
     async def add_texts(self, items: Sequence[tuple[Any, ...]], deadline_s: float) -> None:
-        """Note submitted texts (`Submitted` fields: id, submission time, text, metadata); start their deadlines."""
+        """Note submitted texts (`Submitted` fields: id, submission time, text, metadata); start their deadlines.
+
+        A deadline runs from when the arbiter sees the text (or its first vote), not from its submission: under
+        load the voters read the same backlog the arbiter does, and a clock started at submission would run out
+        in the queue and decide texts without the votes on their way."""
 
     @abstractmethod
     async def reopen(self, item: Ready, expected: int, deadline_s: float) -> None:
@@ -122,9 +126,10 @@ class MemoryJoinStore(JoinStore):
         return Ready(text_id, votes, entry.submitted_at, entry.text, dict(entry.metadata), entry.rounds)
 
     async def add_texts(self, items: Sequence[tuple[Any, ...]], deadline_s: float) -> None:
+        now = time.time()
         for item in items:
             sub = Submitted(*item)
-            entry = self._entry(sub.text_id, sub.submitted_at + deadline_s)
+            entry = self._entry(sub.text_id, max(sub.submitted_at, now) + deadline_s)
             if entry is not None:
                 entry.submitted_at, entry.text, entry.metadata = sub.submitted_at, sub.text, sub.metadata or {}
 
@@ -290,6 +295,7 @@ class RedisJoinStore(JoinStore):
 
     async def add_texts(self, items: Sequence[tuple[Any, ...]], deadline_s: float) -> None:
         pipe = self.redis.pipeline(transaction=False)
+        now = time.time()
         for item in items:
             sub = Submitted(*item)
             key = f"{self.prefix}join:{sub.text_id}"
@@ -298,7 +304,8 @@ class RedisJoinStore(JoinStore):
                 pipe.hsetnx(key, "x", sub.text)
                 pipe.hsetnx(key, "m", json.dumps(sub.metadata or {}))
             pipe.expire(key, JOIN_TTL_S)
-            pipe.zadd(f"{self.prefix}deadlines", {sub.text_id: int((sub.submitted_at + deadline_s) * 1000)}, nx=True)
+            deadline_ms = int((max(sub.submitted_at, now) + deadline_s) * 1000)
+            pipe.zadd(f"{self.prefix}deadlines", {sub.text_id: deadline_ms}, nx=True)
         await pipe.execute()
 
     async def reopen(self, item: Ready, expected: int, deadline_s: float) -> None:

@@ -8,7 +8,24 @@ class ArbiterSettings(CommonSettings):
     """How long the arbiter waits for votes, and how often it checks deadlines."""
 
     arbiter_deadline_ms: int = Field(
-        500, ge=1, le=600_000, description="Decide with the votes that arrived this long after submission."
+        500,
+        ge=1,
+        le=600_000,
+        description="Decide with the votes that arrived this long after the arbiter saw the text (or its first vote).",
+    )
+    arbiter_voter_silence_ms: int = Field(
+        2_000,
+        ge=1,
+        le=600_000,
+        description="A first-stage voter that cast no vote for this long while texts came is not waited for "
+        "(it is down or hung) until it votes again.",
+    )
+    arbiter_max_extra_wait_ms: int = Field(
+        3_000,
+        ge=0,
+        le=600_000,
+        description="Deadlines wait up to this much longer while the voters are further behind the backlog than "
+        "the arbiter (their median lag beyond its own); 0: never.",
     )
     arbiter_tick_ms: int = Field(10, ge=1, le=10_000, description="How often expired joins are looked for.")
     arbiter_lease_ms: int = Field(

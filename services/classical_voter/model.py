@@ -8,6 +8,7 @@ from functools import partial
 from typing import Any, Self
 
 import numpy as np
+from flockwatch.classical_voter.fastpath import FastCalibrated, compile_all, transform_features
 from flockwatch.common.metrics import expected_calibration_error
 from flockwatch.common.voting import Opinion
 from numpy.typing import NDArray
@@ -93,6 +94,7 @@ class ClassicalModel(BaseEstimator):  # type: ignore[misc,unused-ignore]  # skle
         self.models_: dict[str, CalibratedClassifierCV] = {
             v: self._calibrated(v, self.methods_[v], min(counts.values())).fit(x, labels) for v in VOTERS
         }
+        self._fast = compile_all(self.models_)
         self.report_: dict[str, Any] = {
             "n_train": len(labels),
             "n_features": int(x.shape[1]),
@@ -106,8 +108,8 @@ class ClassicalModel(BaseEstimator):  # type: ignore[misc,unused-ignore]  # skle
         self._check_fitted()
         if len(texts) == 0:
             return {v: np.empty((0, len(self.classes_))) for v in self.voters_}
-        x = self.features_.transform(list(texts))
-        return {v: normalized(self.models_[v].predict_proba(x)) for v in self.voters_}
+        x = transform_features(self.features_, list(texts))
+        return {v: normalized(self._predict_proba(v, x)) for v in self.voters_}
 
     def predict(self, texts: Sequence[str]) -> dict[str, list[Opinion]]:
         """One `Opinion` per text from every model."""
@@ -139,6 +141,26 @@ class ClassicalModel(BaseEstimator):  # type: ignore[misc,unused-ignore]  # skle
             for voter, probs in fold_model.predict_proba_all(text_array[held_out].tolist()).items():
                 out[voter][held_out] = probs
         return out
+
+    def _predict_proba(self, voter: str, x: Any) -> NDArray[np.float64]:
+        """sklearn's probabilities, through the fast path when the model has one (see fastpath.py)."""
+        model = self.models_[voter]
+        fast: FastCalibrated | None = getattr(self, "_fast", {}).get(voter)
+        if fast is not None and fast.serves(model):
+            return fast.predict_proba(x)
+        out: NDArray[np.float64] = model.predict_proba(x)
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The fast path is derived from models_: rebuilt on load rather than stored twice.
+        state = dict(super().__getstate__())
+        state.pop("_fast", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if hasattr(self, "models_"):
+            self._fast = compile_all(self.models_)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "models_"):

@@ -10,7 +10,10 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from flockwatch.common.auth import harden, require
 from flockwatch.common.events import FeedbackSubmitted
+from flockwatch.common.metrics_http import HttpTelemetry
+from flockwatch.common.problems import INVALID, Problem, explain_unreadable_bodies
 from flockwatch.feedback import telemetry
 from flockwatch.feedback.app import FeedbackService, UnknownLabel, feedback_kind
 from flockwatch.feedback.review import conflicts, feedback_groups, review_queue, reviewers, rules_report
@@ -97,8 +100,17 @@ def _errors(exc: ValidationError) -> str:
 
 def create_app(service: FeedbackService) -> FastAPI:
     """The HTTP API of a started feedback service."""
-    app = FastAPI(title="Flockwatch feedback", version="0.1.0")
+    too_large: dict[int | str, dict[str, Any]] = {
+        413: {"model": Problem, "description": "The body is larger than FLOCKWATCH_FEEDBACK_MAX_BODY_BYTES"}
+    }
+    app = FastAPI(title="Flockwatch feedback", version="0.1.0", responses={**INVALID, **too_large})
+    explain_unreadable_bodies(app)
     app.state.service = service
+    harden(app, service.settings, service.settings.feedback_max_body_bytes)
+    app.add_middleware(HttpTelemetry, name="feedback")  # outermost: refused requests count too
+    # scopes: posting feedback (and reading the labels it may use) → feedback; what reviewers read → review
+    # (which includes feedback); running the label check → admin. /review (the page), /health, /metrics: open
+    feedback, review, admin = ([Depends(require(scope))] for scope in ("feedback", "review", "admin"))
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -107,18 +119,23 @@ def create_app(service: FeedbackService) -> FastAPI:
         )
         return JSONResponse({"detail": problems}, status_code=422)
 
-    @app.post("/feedback", status_code=202, response_model=FeedbackAccepted)
+    refused: dict[int | str, dict[str, Any]] = {
+        409: {"model": Problem, "description": "This feedback id was already used for different feedback"},
+        503: {"model": Problem, "description": "Neither Postgres nor the bus took it; retry after Retry-After"},
+    }
+
+    @app.post("/feedback", status_code=202, response_model=FeedbackAccepted, dependencies=feedback, responses=refused)
     async def post_feedback(body: FeedbackRequest, svc: ServiceDep) -> FeedbackAccepted:
         """Record a correction or a thumbs up/down (idempotent by feedback_id)."""
         return await submit(svc, body)
 
-    @app.get("/feedback/conflicts")
+    @app.get("/feedback/conflicts", dependencies=review)
     async def get_conflicts(svc: ServiceDep) -> dict[str, Any]:
         """Texts (duplicates merged) whose reviewers gave different labels, unresolved ones first."""
         found = conflicts(await feedback_groups(svc.store))
         return {"unresolved": sum(c["status"] == "conflict" for c in found), "conflicts": found}
 
-    @app.get("/feedback/duplicates")
+    @app.get("/feedback/duplicates", dependencies=review)
     async def get_duplicates(svc: ServiceDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
         """Repeated feedback (same reviewer, text and answer under new ids) and texts stored under several ids."""
         return {
@@ -126,22 +143,22 @@ def create_app(service: FeedbackService) -> FastAPI:
             "duplicate_texts": await svc.store.duplicate_texts(limit),
         }
 
-    @app.get("/feedback/reviewers")
+    @app.get("/feedback/reviewers", dependencies=review)
     async def get_reviewers(svc: ServiceDep) -> dict[str, Any]:
         """Per-reviewer agreement with other reviewers, flag rate and agreement with the model."""
         return {"reviewers": reviewers(await feedback_groups(svc.store))}
 
-    @app.get("/feedback/hygiene")
+    @app.get("/feedback/hygiene", dependencies=review)
     async def last_hygiene(svc: ServiceDep) -> dict[str, Any]:
         """The newest label-hygiene run (or none yet)."""
         return {"last_run": await svc.store.last_hygiene_run()}
 
-    @app.post("/feedback/hygiene")
+    @app.post("/feedback/hygiene", dependencies=admin)
     async def run_hygiene_now(svc: ServiceDep) -> dict[str, Any]:
         """Check the corrections for likely label errors now; flagged ones return to the review queue."""
         return await svc.hygiene()
 
-    @app.get("/feedback/{feedback_id}")
+    @app.get("/feedback/{feedback_id}", dependencies=review, responses={404: {"model": Problem}})
     async def get_feedback(feedback_id: str, svc: ServiceDep) -> dict[str, Any]:
         """One stored feedback record."""
         found = await svc.store.feedback(feedback_id)
@@ -149,7 +166,7 @@ def create_app(service: FeedbackService) -> FastAPI:
             raise HTTPException(404, f"no feedback {feedback_id!r}")
         return found
 
-    @app.get("/review/queue")
+    @app.get("/review/queue", dependencies=review)
     async def get_queue(
         svc: ServiceDep,
         limit: Annotated[int, Query(ge=1, le=500)] = 20,
@@ -162,7 +179,7 @@ def create_app(service: FeedbackService) -> FastAPI:
     async def review_page() -> HTMLResponse:
         return HTMLResponse(REVIEW_PAGE.read_text(encoding="utf-8"))
 
-    @app.get("/labels")
+    @app.get("/labels", dependencies=feedback)
     async def get_labels(svc: ServiceDep) -> dict[str, Any]:
         """The task's classes with descriptions and harm weights (empty: any label accepted)."""
         labels = svc.task.labels
@@ -171,7 +188,7 @@ def create_app(service: FeedbackService) -> FastAPI:
             "labels": [spec.model_dump() for spec in labels.labels] if labels else [],
         }
 
-    @app.get("/rules/stats")
+    @app.get("/rules/stats", dependencies=review)
     async def get_rule_stats(svc: ServiceDep) -> dict[str, Any]:
         """Each regex rule's fires, precision against reviewed labels (with a 95 % lower bound) and conflicts."""
         return {"rules": [s.as_dict() for s in await rules_report(svc.store, svc.task)]}

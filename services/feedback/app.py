@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from flockwatch.common import topics
+from flockwatch.common.artifacts import ArtifactError, check_announced
 from flockwatch.common.bus import Bus
 from flockwatch.common.datasets import normalize
 from flockwatch.common.events import Decision, FeedbackSubmitted, ModelPublished, TextSubmitted
@@ -208,9 +209,10 @@ class FeedbackService(Service):
             if msg.component not in ("bundle", "regex_voter"):
                 continue
             try:
+                await asyncio.to_thread(check_announced, Path(msg.path), msg.manifest_sha256)
                 self.task = await asyncio.to_thread(
                     load_task, self.settings.feedback_labels, self.settings.feedback_rules, Path(msg.path)
                 )
-            except (OSError, ValueError) as exc:
+            except (ArtifactError, OSError, ValueError) as exc:
                 log.error("feedback: kept the old task config; %s from %s failed: %s", msg.version, msg.path, exc)
         return []

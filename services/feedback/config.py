@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flockwatch.common.artifacts import ArtifactError, read_manifest, verified_file
+from flockwatch.common.artifacts import MANIFEST, read_manifest, verified_file
 from flockwatch.common.labels import LabelConfig
 from flockwatch.feedback.rulestats import RuleMeta
 from flockwatch.regex_voter.rules import load_rules
@@ -35,10 +35,11 @@ class TaskConfig:
 
 
 def _bundle_file(model_dir: Path, name: str) -> Path | None:
-    try:
-        return verified_file(model_dir, name) if name in read_manifest(model_dir, verify=False).files else None
-    except ArtifactError:
+    """The bundle's verified file; None when there is no bundle or it has no such file. A file that does not
+    match the manifest raises ArtifactError: a tampered bundle must not turn the label check off."""
+    if not (Path(model_dir) / MANIFEST).exists():
         return None
+    return verified_file(model_dir, name) if name in read_manifest(model_dir, verify=False).files else None
 
 
 def load_task(labels_path: Path | None, rules_path: Path | None, model_dir: Path | None) -> TaskConfig:

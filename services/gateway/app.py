@@ -6,17 +6,20 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from flockwatch.common import telemetry, topics
-from flockwatch.common.bus import Bus, create_bus
-from flockwatch.common.events import Decision, TextSubmitted
+from flockwatch.common import telemetry, topics, tracing
+from flockwatch.common.auth import harden, require
+from flockwatch.common.bus import Bus, BusUnavailable, create_bus
+from flockwatch.common.events import Decision, ModelPublished, TextSubmitted
+from flockwatch.common.metrics_http import HttpTelemetry
+from flockwatch.common.problems import explain_unreadable_bodies
 from flockwatch.common.service import Service
+from flockwatch.gateway.cache import PredictionCache
 from flockwatch.gateway.decisions import DecisionBook
-from flockwatch.gateway.limits import BodyLimit
 from flockwatch.gateway.schemas import (
     Accepted,
     PredictBatchRequest,
@@ -29,7 +32,10 @@ from flockwatch.gateway.settings import GatewaySettings
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 ERRORS: dict[int | str, dict[str, object]] = {
+    401: {"model": Problem, "description": "No bearer token, or an unknown one (when auth is on)"},
+    403: {"model": Problem, "description": "The token lacks the `predict` scope"},
     413: {"model": Problem, "description": "Text or body too large"},
+    429: {"model": Problem, "description": "The token is over its rate limit; retry after the Retry-After seconds"},
     422: {"model": Problem, "description": "Empty or non-text input"},
     503: {"model": Problem, "description": "Too many texts in flight; retry after the Retry-After seconds"},
 }
@@ -43,12 +49,28 @@ class Gateway:
         self.bus = bus
         # a text accepted by POST /texts counts as in flight until decided, or for at most the predict timeout
         self.book = DecisionBook(settings.gateway_decisions_kept, settings.gateway_predict_timeout_ms / 1000)
+        self.cache = PredictionCache(settings)
         bus.subscribe(topics.DECISION_MADE, Decision, group="gateway", broadcast=True)(self.on_decisions)
+        bus.subscribe(topics.MODEL_PUBLISHED, ModelPublished, group="gateway", broadcast=True)(self.cache.on_models)
 
     async def on_decisions(self, decisions: list[Decision]) -> list[Decision]:
         """Resolve the requests waiting for these decisions."""
         self.book.record(decisions)
+        await self.cache.store(decisions)
         return []
+
+    async def from_cache(self, msgs: list[TextSubmitted]) -> list[TextSubmitted]:
+        """Answer what the prediction cache knows (recorded as decided, waking their waiters); the rest, to publish."""
+        hits = await self.cache.lookup(msgs)
+        if not hits:
+            return msgs
+        self.book.record(hits)
+        answered = {d.text_id for d in hits}
+        return [m for m in msgs if m.text_id not in answered]
+
+    def respond(self, decision: Decision) -> PredictResponse:
+        """The HTTP answer for a decision (marked when it came from the cache)."""
+        return PredictResponse.of(decision, cached=self.cache.served(decision.text_id))
 
     def admit(self, requests: Sequence[PredictRequest]) -> list[TextSubmitted]:
         """Messages for requests if all are valid and there is room for all of them in flight, or the HTTP error
@@ -59,14 +81,18 @@ class Gateway:
         if len(set(ids)) < len(ids):
             raise HTTPException(422, "text_id values must be unique within a batch")
         if self.book.in_flight + len(msgs) > self.settings.gateway_max_in_flight:
-            telemetry.REFUSED.inc(len(msgs))
-            raise HTTPException(
-                503,
-                f"too many texts in flight ({self.book.in_flight} of {self.settings.gateway_max_in_flight}); "
-                "retry after the Retry-After seconds",
-                headers={"Retry-After": "1"},
+            self._refuse(
+                len(msgs), f"too many texts in flight ({self.book.in_flight} of {self.settings.gateway_max_in_flight})"
             )
+        waited_ms, shed_ms = self.book.oldest_wait_s * 1000, self.settings.gateway_shed_after_ms
+        if shed_ms and waited_ms > shed_ms:
+            self._refuse(len(msgs), f"the pipeline is behind (a text in flight has waited {waited_ms:.0f} ms)")
         return msgs
+
+    @staticmethod
+    def _refuse(n: int, why: str) -> NoReturn:
+        telemetry.REFUSED.inc(n)
+        raise HTTPException(503, f"{why}; retry after the Retry-After seconds", headers={"Retry-After": "1"})
 
     def _message(self, request: PredictRequest, where: str) -> TextSubmitted:
         if not request.text.strip():
@@ -94,7 +120,13 @@ class Gateway:
             return decided, []
         telemetry.IN_FLIGHT.inc(len(futures))
         try:
-            await self.bus.publish(new)
+            try:
+                new = await self.from_cache(new)
+                await self.bus.publish(new)
+            except BaseException:  # not published: nobody will answer these waiters, which would count as in flight
+                for msg in new:
+                    self.book.forget_waiter(msg.text_id)
+                raise
             await asyncio.wait(
                 [asyncio.shield(f) for f in futures.values()], timeout=self.settings.gateway_predict_timeout_ms / 1000
             )
@@ -130,12 +162,16 @@ def create_app(
             for service in services:
                 await service.start()
                 stack.push_async_callback(service.stop)
+            stack.push_async_callback(guard.aclose)
+            await stack.enter_async_context(gateway.cache)
             await stack.enter_async_context(bus)
             app.state.gateway = gateway
             yield
 
     app = FastAPI(title="Flockwatch gateway", version="0.1.0", lifespan=lifespan, responses=ERRORS)
-    app.add_middleware(BodyLimit, max_bytes=settings.gateway_max_body_bytes)
+    explain_unreadable_bodies(app)
+    guard = harden(app, settings, settings.gateway_max_body_bytes)
+    app.add_middleware(HttpTelemetry, name="gateway")  # outermost: refused requests (401, 413, 429) count too
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -144,37 +180,51 @@ def create_app(
         )
         return JSONResponse({"detail": problems}, status_code=422)
 
-    @app.post("/predict", response_model=PredictResponse, responses={504: {"model": Problem}})
+    @app.exception_handler(BusUnavailable)
+    async def bus_unavailable(_: Request, exc: BusUnavailable) -> JSONResponse:
+        # the broker stayed unreachable through the publish retries: nothing was accepted, the client may retry
+        return JSONResponse({"detail": f"message bus unavailable; retry shortly ({exc})"}, 503, {"Retry-After": "2"})
+
+    predict_scope = [Depends(require("predict"))]  # every route but /health and /metrics
+
+    @app.post(
+        "/predict", response_model=PredictResponse, responses={504: {"model": Problem}}, dependencies=predict_scope
+    )
     async def predict(body: PredictRequest, gw: GatewayDep) -> PredictResponse:
         """Classify a text and wait for the decision."""
         (msg,) = gw.admit([body])
-        decided, _ = await gw.decide([msg])
+        with tracing.text_spans("gateway /predict", [msg]):
+            decided, _ = await gw.decide([msg])
         if msg.text_id not in decided:
             raise HTTPException(
                 504, f"no decision within {settings.gateway_predict_timeout_ms} ms; poll GET /decisions/{msg.text_id}"
             )
-        return PredictResponse.of(decided[msg.text_id])
+        return gw.respond(decided[msg.text_id])
 
-    @app.post("/predict/batch", response_model=PredictBatchResponse)
+    @app.post("/predict/batch", response_model=PredictBatchResponse, dependencies=predict_scope)
     async def predict_batch(body: PredictBatchRequest, gw: GatewayDep) -> PredictBatchResponse:
         """Classify several texts at once and wait for their decisions; the batch is admitted whole or not at
         all (503). Texts not decided within the timeout come back under `pending` with their status URL."""
         msgs = gw.admit(body.texts)
-        decided, pending = await gw.decide(msgs)
+        with tracing.text_spans("gateway /predict/batch", msgs):
+            decided, pending = await gw.decide(msgs)
         return PredictBatchResponse(
-            decisions=[PredictResponse.of(decided[m.text_id]) for m in msgs if m.text_id in decided],
+            decisions=[gw.respond(decided[m.text_id]) for m in msgs if m.text_id in decided],
             pending=[Accepted(text_id=t, status_url=f"/decisions/{t}") for t in pending],
         )
 
-    @app.post("/texts", status_code=202, response_model=Accepted)
+    @app.post("/texts", status_code=202, response_model=Accepted, dependencies=predict_scope)
     async def submit(body: PredictRequest, gw: GatewayDep) -> Accepted:
         """Accept a text for classification; the decision appears at the status URL and on the bus."""
         (msg,) = gw.admit([body])
         gw.book.accept([msg.text_id])
-        await gw.bus.publish([msg])
+        with tracing.text_spans("gateway /texts", [msg]):
+            await gw.bus.publish(await gw.from_cache([msg]))
         return Accepted(text_id=msg.text_id, status_url=f"/decisions/{msg.text_id}")
 
-    @app.get("/decisions/{text_id}", response_model=Decision, responses={404: {"model": Problem}})
+    @app.get(
+        "/decisions/{text_id}", response_model=Decision, responses={404: {"model": Problem}}, dependencies=predict_scope
+    )
     async def decision(text_id: str, gw: GatewayDep) -> Decision:
         """The full decision record (votes, versions, thresholds) for a text."""
         found = gw.book.get(text_id)

@@ -18,7 +18,8 @@ class DecisionBook:
         self.keep = keep
         self.accepted_ttl_s = accepted_ttl_s
         self._decisions: OrderedDict[str, Decision] = OrderedDict()
-        self._waiting: dict[str, asyncio.Future[Decision]] = {}
+        self._waiting: dict[str, asyncio.Future[Decision]] = {}  # in the order they started waiting
+        self._since: dict[str, float] = {}  # when each waiter started (monotonic)
         self._accepted: OrderedDict[str, float] = OrderedDict()  # text id → when accepted (monotonic)
 
     def get(self, text_id: str) -> Decision | None:
@@ -34,6 +35,7 @@ class DecisionBook:
         future = self._waiting.get(text_id)
         if future is None:
             future = self._waiting[text_id] = asyncio.get_running_loop().create_future()
+            self._since[text_id] = time.monotonic()
         return future
 
     def accept(self, text_ids: Iterable[str]) -> None:
@@ -46,6 +48,7 @@ class DecisionBook:
     def forget_waiter(self, text_id: str) -> None:
         """Drop a waiter that gave up."""
         future = self._waiting.pop(text_id, None)
+        self._since.pop(text_id, None)
         if future is not None and not future.done():
             future.cancel()
 
@@ -56,6 +59,7 @@ class DecisionBook:
             self._decisions.move_to_end(decision.text_id)
             self._accepted.pop(decision.text_id, None)
             future = self._waiting.pop(decision.text_id, None)
+            self._since.pop(decision.text_id, None)
             if future is not None and not future.done():
                 future.set_result(decision)
         while len(self._decisions) > self.keep:
@@ -76,3 +80,9 @@ class DecisionBook:
                 break
             del self._accepted[text_id]
         return len(self._waiting) + len(self._accepted)
+
+    @property
+    def oldest_wait_s(self) -> float:
+        """How long the oldest text in flight has waited for its decision (0 when none is)."""
+        starts = [next(iter(d.values())) for d in (self._since, self._accepted) if d]
+        return time.monotonic() - min(starts) if starts else 0.0

@@ -46,9 +46,12 @@ class PredictResponse(BaseModel):
     path: str
     arbiter_version: str
     latency_ms: float
+    cached: bool = Field(
+        False, description="Answered from the prediction cache (same text and models decided before); not re-voted."
+    )
 
     @classmethod
-    def of(cls, decision: Decision) -> PredictResponse:
+    def of(cls, decision: Decision, cached: bool = False) -> PredictResponse:
         """The response for a decision."""
         return cls(
             text_id=decision.text_id,
@@ -71,6 +74,7 @@ class PredictResponse(BaseModel):
             path=decision.path,
             arbiter_version=decision.arbiter_version,
             latency_ms=decision.latency_ms,
+            cached=cached,
         )
 
 

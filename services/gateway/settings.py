@@ -12,5 +12,15 @@ class GatewaySettings(CommonSettings):
     gateway_max_text_chars: int = Field(10_000, ge=1, description="Longer texts are refused with 413.")
     gateway_max_body_bytes: int = Field(1_000_000, ge=1, description="Larger request bodies are refused with 413.")
     gateway_max_in_flight: int = Field(2_000, ge=1, description="Texts waiting for a decision; beyond, 503.")
+    gateway_shed_after_ms: int = Field(
+        400,
+        ge=0,
+        description="While a text in flight has waited longer than this, new texts are refused (503): the pipeline "
+        "is behind. Keep it below the arbiter's deadline, or overload turns into decisions missing votes. 0: off.",
+    )
     gateway_predict_timeout_ms: int = Field(5_000, ge=1, description="POST /predict gives up (504) after this.")
     gateway_decisions_kept: int = Field(100_000, ge=1, description="Decisions remembered for GET /decisions/{id}.")
+    gateway_cache: bool = Field(True, description="Answer repeated texts from the Redis prediction cache (if Redis).")
+    gateway_cache_url: str | None = Field(None, description="Redis for the cache; default: the shared state Redis.")
+    gateway_cache_ttl_s: int = Field(86_400, ge=1, description="A cached decision is kept this long (seconds).")
+    gateway_cache_prefix: str = Field("flockwatch:cache", min_length=1, description="Key prefix of cached decisions.")

@@ -182,6 +182,16 @@ class RuleEngine:
         names = self.labels.names
         mass, total = max(best.values()), sum(best.values())
         others = len(names) - len(best)
+        if others:
+            # A tie must not leave a fired label below a class no rule named (low confidences, many classes): the
+            # tied labels get at least the mass at which the weakest keeps, against each untied class, the odds its
+            # own rule alone would give it (its confidence is above 1/n, so those odds are above 1).
+            weakest = min(best.values())
+            if weakest >= 1:
+                mass = 1.0
+            else:
+                odds = weakest * (len(names) - 1) / (1 - weakest)
+                mass = max(mass, odds / (odds + weakest * others / total))
         rest = (1 - mass) / others if others else 0.0
         # Every class is tied: nothing is left to spread over "other" classes, so spread it over all.
         spread = 0.0 if others else (1 - mass) / len(names)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from flockwatch.common.auth import harden, require
+from flockwatch.common.metrics_http import HttpTelemetry, metrics_response
 from flockwatch.trainer import registry
 from flockwatch.trainer.app import RunNotFound, TrainerService
 from pydantic import BaseModel, ConfigDict, Field
+
+MAX_BODY_BYTES = 64 * 1024  # its one body is a small retrain request
 
 
 class RetrainRequest(BaseModel):
@@ -39,23 +43,26 @@ def create_app(service: TrainerService) -> FastAPI:
     """The HTTP API of a started trainer service."""
     app = FastAPI(title="Flockwatch trainer", version="0.1.0")
     app.state.service = service
+    harden(app, service.settings, MAX_BODY_BYTES)
+    app.add_middleware(HttpTelemetry, name="trainer")  # outermost: refused requests count too
+    admin = [Depends(require("admin"))]  # every route but /health and /metrics
 
-    @app.post("/training", status_code=202)
+    @app.post("/training", status_code=202, dependencies=admin)
     async def post_training(body: RetrainRequest, svc: ServiceDep) -> dict[str, Any]:
         """Queue a run (one runs at a time); poll `GET /training/{run_id}`."""
         return await svc.request_run(body.kind, "command", body.reason)
 
-    @app.get("/training")
+    @app.get("/training", dependencies=admin)
     async def list_training(svc: ServiceDep, limit: Annotated[int, Query(ge=1, le=500)] = 20) -> list[dict[str, Any]]:
         """The newest runs first."""
         return await svc.store.runs(limit)
 
-    @app.get("/training/{run_id}")
+    @app.get("/training/{run_id}", dependencies=admin)
     async def get_training(run_id: str, svc: ServiceDep) -> dict[str, Any]:
         """A run: status (queued, running, gated, published, rejected, failed, cancelled), progress, gate."""
         return await _run_or_404(svc, run_id)
 
-    @app.post("/training/{run_id}/cancel")
+    @app.post("/training/{run_id}/cancel", dependencies=admin)
     async def cancel_training(run_id: str, svc: ServiceDep) -> dict[str, Any]:
         """Cancel a queued run or stop a running one; 409 for a run that has already finished."""
         run = await _run_or_404(svc, run_id)
@@ -63,12 +70,12 @@ def create_app(service: TrainerService) -> FastAPI:
             raise HTTPException(409, f"run {run_id} is {run['status']}; only queued or running runs can be cancelled")
         return await svc.cancel(run_id)
 
-    @app.get("/drift")
+    @app.get("/drift", dependencies=admin)
     async def get_drift(svc: ServiceDep) -> dict[str, Any]:
         """The drift monitor: martingale, its alarm threshold, the windowed KS test, the last alarm."""
         return {**svc.drift.status(), "events": await svc.store.drift_events(10)}
 
-    @app.get("/models")
+    @app.get("/models", dependencies=admin)
     async def get_models(svc: ServiceDep) -> dict[str, Any]:
         """The versions under the model root, which one is current, and the history."""
         root = svc.settings.models_root
@@ -76,6 +83,10 @@ def create_app(service: TrainerService) -> FastAPI:
             "versions": [registry.describe(root, m) for m in registry.versions(root)],
             "history": registry.history(root),
         }
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return metrics_response()
 
     @app.get("/health")
     async def health(svc: ServiceDep) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from flockwatch.common import topics
+from flockwatch.common import telemetry, topics
 from flockwatch.common.artifacts import read_manifest, verified_file
 from flockwatch.common.bus import Bus
 from flockwatch.common.events import Decision, FeedbackSubmitted, ModelPublished
@@ -254,4 +254,5 @@ class TrainerService(Service):
     async def _finish(self, run_id: str, status: str, **fields: Any) -> None:
         assert status in FINAL
         await self.store.update(run_id, status=status, finished_at=datetime.now(UTC), **fields)
+        telemetry.TRAINING_RUNS.labels(status).inc()
         log.info("trainer: run %s %s", run_id, status)

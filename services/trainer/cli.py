@@ -144,20 +144,26 @@ def retrain(
     reason: Annotated[str | None, typer.Option(help="Why (kept in the run record)")] = None,
     url: Annotated[str | None, typer.Option(help="The trainer's HTTP API (default FLOCKWATCH_TRAINER_URL)")] = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the run until it finishes")] = False,
+    token: Annotated[
+        str | None, typer.Option(envvar="FLOCKWATCH_TOKEN", help="An API token with the admin scope (when auth is on)")
+    ] = None,
 ) -> None:
     """Ask the running trainer service for a training run; print its id (and, with --wait, how it ended)."""
     import httpx
     from flockwatch.trainer.settings import TrainerSettings
 
     base = url or TrainerSettings().trainer_url
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        response = httpx.post(f"{base}/training", json={"kind": kind, "reason": reason}, timeout=10)
+        response = httpx.post(f"{base}/training", json={"kind": kind, "reason": reason}, headers=headers, timeout=10)
+        if response.status_code in (401, 403, 429):
+            _fail(f"trainer at {base}: {response.status_code} {response.json().get('detail')}")
         response.raise_for_status()
         run = response.json()
         console.print(f"run {run['run_id']}: {run['status']}")
         while wait and run["status"] in ("queued", "running", "gated"):
             time.sleep(2)
-            run = httpx.get(f"{base}/training/{run['run_id']}", timeout=10).json()
+            run = httpx.get(f"{base}/training/{run['run_id']}", headers=headers, timeout=10).json()
             console.print(f"  {run['status']}: {run.get('progress') or ''}")
     except httpx.HTTPError as exc:
         _fail(f"trainer at {base}: {exc}")

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from flockwatch.common import telemetry
 from flockwatch.common.artifacts import ArtifactError
 from flockwatch.common.datasets import Dataset, read_table, split
 from flockwatch.common.events import Decision, ModelPublished
@@ -64,6 +65,7 @@ class DriftWatch:
             log.error("trainer: no drift monitor for %s: %s", bundle, exc)
             return
         self.champion = bundle.resolve().name
+        telemetry.set_model_version("trainer_champion", self.champion)
         self._restart(version)
         log.info("trainer: drift reference of %s: %d calibration scores", self.champion, len(self.reference))
 
@@ -83,7 +85,9 @@ class DriftWatch:
             for m in msgs
             if m.path != "no_votes" and m.arbiter_version == monitor.state.version
         ]
-        if scores and monitor.update(scores):
+        alarm = bool(scores) and monitor.update(scores)
+        telemetry.DRIFT_MARTINGALE.set(monitor.state.martingale)
+        if alarm:
             await self._alarm(monitor)
         return []
 
@@ -110,6 +114,7 @@ class DriftWatch:
                 action, run_id = kind, run["run_id"]
         event_id = await self.service.store.add_drift(state.to_dict(), action, run_id)
         self.last_alarm = {"event_id": event_id, "action": action, "run_id": run_id, **state.to_dict()}
+        telemetry.DRIFT_ALARMS.labels(action).inc()
         log.warning("trainer: drift alarm %s on %s: %s", event_id, self.champion, action)
         self._restart(state.version)  # watch on: drift that persists raises the next step
 

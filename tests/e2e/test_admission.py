@@ -85,6 +85,7 @@ async def test_overload_is_refused_cleanly_and_nothing_accepted_is_lost(sms_bund
         bus_url=bus_url,
         arbiter_deadline_ms=300,
         gateway_max_in_flight=20,
+        gateway_shed_after_ms=0,  # this test is about the in-flight bound alone
     ) as (client, _):
         responses = await overload(client, 120)
         accepted = {t for t, r in responses.items() if r.status_code == 200}
@@ -103,3 +104,20 @@ async def test_overload_is_refused_cleanly_and_nothing_accepted_is_lost(sms_bund
     async with stack(sms_bundle, ["gateway", "arbiter"], bus_url=bus_url, arbiter_deadline_ms=50) as (client, _):
         retried = await client.post("/predict", json={"text": "text number 0", "text_id": sorted(refused)[0]})
     assert retried.status_code == 200
+
+
+async def test_new_texts_are_refused_while_the_oldest_in_flight_waits_too_long(sms_bundle: Path) -> None:
+    # no voter runs: each text waits the arbiter's deadline, longer than the gateway lets the oldest wait
+    async with stack(sms_bundle, ["gateway", "arbiter"], arbiter_deadline_ms=1500, gateway_shed_after_ms=200) as (
+        client,
+        _,
+    ):
+        first = asyncio.create_task(client.post("/predict", json={"text": "one"}))
+        await asyncio.sleep(0.05)
+        early = await client.post("/texts", json={"text": "two"})
+        await asyncio.sleep(0.4)
+        late = await client.post("/predict", json={"text": "three"})
+        assert (await first).status_code == 200
+    assert early.status_code == 202
+    assert late.status_code == 503 and "the pipeline is behind" in late.json()["detail"]
+    assert late.headers["retry-after"] == "1"

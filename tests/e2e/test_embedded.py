@@ -164,3 +164,15 @@ async def test_poison_messages_go_to_dead_letter_and_consumers_keep_going(sms_bu
     assert sorted(d.consumer for d in letters) == sorted(consumers * 2)
     assert {d.payload for d in letters} == {"{this is not json", '{"schema_version": 99}'}
     assert all(d.topic == topics.TEXT_SUBMITTED and "invalid TextSubmitted" in d.error for d in letters)
+
+
+async def test_a_voter_that_is_down_is_not_waited_for_once_it_has_been_silent(sms_bundle: Path) -> None:
+    # only the regex voter runs; the bundle also expects the classical and ws voters
+    async with stack(
+        sms_bundle, ["gateway", "arbiter", "regex_voter"], arbiter_deadline_ms=1500, arbiter_voter_silence_ms=300
+    ) as (client, _):
+        first = (await client.post("/predict", json={"text": SPAM})).json()
+        await asyncio.sleep(0.4)
+        second = (await client.post("/predict", json={"text": "see you at 5"})).json()
+    assert first["latency_ms"] >= 1500  # nobody was known to be down yet: the deadline decided
+    assert second["latency_ms"] < 1000 and set(second["missing_voters"]) == {"tfidf_lr", "tfidf_svm", "ws"}

@@ -35,6 +35,9 @@ def kafka_env(sms_bundle: Path, fresh_tansu: TansuBroker) -> Iterator[dict[str, 
         "FLOCKWATCH_STATE_URL": STATE,
         "FLOCKWATCH_MODEL_DIR": str(sms_bundle),
         "FLOCKWATCH_ARBITER_DEADLINE_MS": "1500",
+        # services are killed mid-run, so decisions come late by design: the gateway must not shed the load
+        # (tests/e2e/test_admission.py tests shedding)
+        "FLOCKWATCH_GATEWAY_SHED_AFTER_MS": "0",
     }
     client.flushdb()
 

@@ -29,6 +29,9 @@ def redis_env(sms_bundle: Path) -> Iterator[dict[str, str]]:
         "FLOCKWATCH_BUS_URL": REDIS,
         "FLOCKWATCH_MODEL_DIR": str(sms_bundle),
         "FLOCKWATCH_ARBITER_DEADLINE_MS": "1500",
+        # services are killed mid-run, so decisions come late by design: the gateway must not shed the load
+        # (tests/e2e/test_admission.py tests shedding)
+        "FLOCKWATCH_GATEWAY_SHED_AFTER_MS": "0",
     }
     client.flushdb()
 

@@ -23,7 +23,7 @@ from flockwatch.classical_voter.embedding_app import (  # noqa: E402
 from flockwatch.classical_voter.encoder import EncoderError, packaged_minilm  # noqa: E402
 from flockwatch.classical_voter.settings import EmbeddingSettings  # noqa: E402
 from flockwatch.common import topics  # noqa: E402
-from flockwatch.common.artifacts import ArtifactError, Manifest, write_manifest  # noqa: E402
+from flockwatch.common.artifacts import ArtifactError, Manifest, manifest_sha256, write_manifest  # noqa: E402
 from flockwatch.common.bus import create_bus  # noqa: E402
 from flockwatch.common.datasets import Dataset, read_table, split  # noqa: E402
 from flockwatch.common.events import Event, ModelPublished, TextSubmitted, Vote, VoteRequested  # noqa: E402
@@ -223,7 +223,11 @@ async def test_always_mode_votes_on_every_text_and_reloads_on_model_published(
 
     service.core = core
     published = ModelPublished(
-        message_id="m1", version="e1", path=str(bundle[0]), component="bundle", manifest_sha256="-"
+        message_id="m1",
+        version="e1",
+        path=str(bundle[0]),
+        component="bundle",
+        manifest_sha256=manifest_sha256(bundle[0]),  # a reload checks the announced manifest
     )
     async with bus:
         await bus.publish([TextSubmitted(message_id="s1", text_id="s1", text="Who invented the telephone ?")])

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import websockets
+from flockwatch.common.tokens import add_token
 from flockwatch.feedback.api import create_app
 from flockwatch.feedback.app import FeedbackService
 
@@ -204,3 +205,28 @@ async def test_a_reviewer_labels_queued_texts_with_the_keyboard_in_chromium(brow
         rows = await service.store.pool.fetch("SELECT text_id, label, thumbs FROM feedback ORDER BY seq")
         assert [tuple(r) for r in rows] == [("a", "spam", None), ("b", None, "up")]
         assert "Saved" in await browser.js("document.getElementById('status').textContent")
+
+
+async def test_with_auth_on_the_page_asks_for_a_token_then_labels_with_it_in_chromium(
+    browser: DevTools, tmp_path: Path
+) -> None:
+    tokens = tmp_path / "tokens.yaml"
+    token = add_token(tokens, "ann", ["review"])
+    overrides = {"feedback_serve_http": True, "feedback_port": 0, "auth_tokens_file": tokens}
+    async with fresh_schema() as schema, running_service(schema, **overrides) as service:
+        await seed(service)
+        await browser.call("Page.enable")
+        await browser.call("Page.navigate", url=f"http://127.0.0.1:{service.http_port}/review?reviewer=ann")
+        message = await browser.wait_for("document.getElementById('status').textContent")
+        assert "HTTP 401: enter a token with the review scope" in message
+        await browser.js(
+            f"const t = document.getElementById('token'); t.value = '{token}'; t.dispatchEvent(new Event('change'))"
+        )
+        current = "document.getElementById('item').dataset.textId"
+        assert await browser.wait_for(current) == "a"
+        await browser.press("2")  # spam, posted with the token (review includes the feedback scope)
+        assert await browser.wait_for(f"{current} === 'b' && {current}")
+        stored = await service.store.pool.fetchrow("SELECT text_id, label, reviewer_id FROM feedback")
+        assert dict(stored) == {"text_id": "a", "label": "spam", "reviewer_id": "ann"}
+        assert await browser.js("sessionStorage.getItem('flockwatch.token')") == token
+        assert token not in await browser.js("location.href")

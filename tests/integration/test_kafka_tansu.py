@@ -199,11 +199,11 @@ async def test_the_offsets_move_only_once_the_outputs_are_published(tansu: Tansu
     votes = collect(bus, topics.VOTE_CAST, Vote, f"sink-{run}")
     publish, failures = bus.publish_raw, [0]
 
-    async def first_vote_publish_fails(topic: str, payload: bytes, key: str) -> None:
+    async def first_vote_publish_fails(topic: str, payload: bytes, key: str, headers: object = None) -> None:
         if topic == topics.VOTE_CAST and key.startswith(run) and not failures[0]:
             failures[0] += 1
             raise KafkaTimeoutError("the broker did not acknowledge in time")
-        await publish(topic, payload, key)
+        await publish(topic, payload, key, headers)  # type: ignore[arg-type]
 
     bus.publish_raw = first_vote_publish_fails
     sent = texts(run, 30)

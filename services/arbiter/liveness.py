@@ -1,0 +1,69 @@
+"""Which first-stage voters the arbiter waits for, and how far behind it they are."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+
+log = logging.getLogger(__name__)
+
+
+class VoterWatch:
+    """Liveness and lag of the voters, as the arbiter sees them.
+
+    Down: a voter that has cast no vote since a text the arbiter saw at least `silence_s` ago is down (or hung);
+    texts stop waiting for it until its next vote. While no texts come, silence proves nothing.
+
+    Behind: a voter's lag is how long ago the freshest text it just voted on was submitted; the arbiter's own
+    lag is the same for the texts it reads. When the live voters are (by their median) further behind than the
+    arbiter, deadlines wait that much longer (at most `max_extra_s`): under load the voters read a backlog the
+    arbiter has already read, and their votes are on the way. One slow voter does not move the median, so the
+    deadline still decides without it."""
+
+    def __init__(self, silence_s: float, max_extra_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.silence_s = silence_s
+        self.max_extra_s = max_extra_s
+        self.clock = clock
+        self._last_vote: dict[str, float] = {}
+        self._lag: dict[str, float] = {}
+        self._own_lag = 0.0
+        self._arrivals: deque[float] = deque()  # when batches of texts came; [0] is the newest old enough to judge
+        self._down: set[str] = set()
+
+    def saw_texts(self, lag_s: float) -> None:
+        """Texts arrived now; the freshest was submitted `lag_s` ago."""
+        self._arrivals.append(self.clock())
+        self._own_lag = max(0.0, lag_s)
+
+    def saw_votes(self, lags_s: dict[str, float]) -> None:
+        """These voters voted now; the freshest text each voted on was submitted this long ago."""
+        now = self.clock()
+        for voter, lag in lags_s.items():
+            self._last_vote[voter] = now
+            self._lag[voter] = max(0.0, lag)
+
+    def live(self, voters: Sequence[str]) -> list[str]:
+        """The voters to wait for: all of them, unless some have been silent since a text old enough to judge
+        (and not all: with every voter silent the deadline decides, as before)."""
+        horizon = self.clock() - self.silence_s
+        while len(self._arrivals) > 1 and self._arrivals[1] <= horizon:
+            self._arrivals.popleft()
+        if not self._arrivals or self._arrivals[0] > horizon:
+            return list(voters)
+        since = self._arrivals[0]
+        live = [v for v in voters if self._last_vote.get(v, float("-inf")) >= since]
+        down = set(voters) - set(live) if live else set()
+        if down != self._down:
+            log.warning("arbiter: not waiting for voters silent %.1f s: %s", self.silence_s, sorted(down) or "none")
+            self._down = down
+        return live or list(voters)
+
+    def extra_wait_s(self, voters: Sequence[str]) -> float:
+        """How much longer deadlines wait: the live voters' median lag beyond the arbiter's own, capped."""
+        lags = [self._lag[v] for v in self.live(voters) if v in self._lag]
+        if not lags:
+            return 0.0
+        return min(self.max_extra_s, max(0.0, statistics.median(lags) - self._own_lag))
