@@ -174,8 +174,9 @@ class Pipeline:
     async def stall_holding_entries(self, instance: str, stream: str, group: str, chunks: list[list[str]]) -> int:
         """Pause `instance` (SIGSTOP), the only consumer of `group`, and submit a chunk of texts, until it holds
         some of them read but not acknowledged: a paused consumer's outstanding blocking read (the bus blocks
-        1 s, `bus_faststream.REDIS_BLOCK_MS`) is still served by Redis. Returns how many it holds; it stays paused. A chunk it did not get (its read had timed out) is
-        handled once it goes on; the chunks left over are submitted too (they wait in the stream).
+        1 s, `bus_faststream.REDIS_BLOCK_MS`) is still served by Redis. Returns how many it holds; it stays
+        paused. A chunk it did not get (its read had timed out) is handled once it goes on; the chunks left over
+        are submitted too (they wait in the stream).
 
         With a second consumer in the group Redis may hand the chunk to that one, and a paused process that goes
         on may find its read timed out and pause its reads for 5 s (FastStream): so, one consumer."""

@@ -264,7 +264,7 @@ def _json_size(text: str) -> int:
 def _clip(text: str, limit: int) -> str:
     """The longest prefix of `text` whose JSON form fits in `limit` bytes: a dead letter stays below the message
     size limit whatever its payload's characters (multi-byte, escaped), so it is never dead-lettered itself."""
-    if len(text) <= limit // 6 or _json_size(text) <= limit:  # 6 bytes: the longest JSON form of one character
+    if 6 * len(text) + 2 <= limit or _json_size(text) <= limit:  # 6 bytes: a character's longest JSON form
         return text
     low, high = 0, min(len(text), limit)
     while low < high:  # the largest fitting prefix length (fitting is monotone in the length)
