@@ -54,7 +54,10 @@ class ArbiterService(Service):
             else MemoryJoinStore(lease_s=settings.arbiter_lease_ms / 1000)
         )
         self._ticker: asyncio.Task[None] | None = None
-        self.voters = VoterWatch(settings.arbiter_voter_silence_ms / 1000, settings.arbiter_max_extra_wait_ms / 1000)
+        # a voter counts as down only after a silence longer than the deadline: never sooner than a text would have
+        # stopped waiting for it anyway (a voter reloading its model, or starved of CPU for a moment, is not down)
+        silence_ms = max(settings.arbiter_voter_silence_ms, settings.arbiter_deadline_ms)
+        self.voters = VoterWatch(silence_ms / 1000, settings.arbiter_max_extra_wait_ms / 1000)
         bus.subscribe(topics.TEXT_SUBMITTED, TextSubmitted, group=self.name)(self.on_texts)
         bus.subscribe(topics.VOTE_CAST, Vote, group=self.name)(self.on_votes)
         bus.subscribe(topics.MODEL_PUBLISHED, ModelPublished, group=self.name, broadcast=True)(self.on_model)

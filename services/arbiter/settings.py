@@ -18,7 +18,7 @@ class ArbiterSettings(CommonSettings):
         ge=1,
         le=600_000,
         description="A first-stage voter that cast no vote for this long while texts came is not waited for "
-        "(it is down or hung) until it votes again.",
+        "(it is down or hung) until it votes again; never less than the deadline.",
     )
     arbiter_max_extra_wait_ms: int = Field(
         3_000,

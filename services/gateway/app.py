@@ -6,7 +6,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -29,6 +29,7 @@ from flockwatch.gateway.schemas import (
     Problem,
 )
 from flockwatch.gateway.settings import GatewaySettings
+from flockwatch.gateway.shedding import ShedLoad
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 ERRORS: dict[int | str, dict[str, object]] = {
@@ -80,19 +81,21 @@ class Gateway:
         ids = [m.text_id for m in msgs]
         if len(set(ids)) < len(ids):
             raise HTTPException(422, "text_id values must be unique within a batch")
-        if self.book.in_flight + len(msgs) > self.settings.gateway_max_in_flight:
-            self._refuse(
-                len(msgs), f"too many texts in flight ({self.book.in_flight} of {self.settings.gateway_max_in_flight})"
-            )
-        waited_ms, shed_ms = self.book.oldest_wait_s * 1000, self.settings.gateway_shed_after_ms
-        if shed_ms and waited_ms > shed_ms:
-            self._refuse(len(msgs), f"the pipeline is behind (a text in flight has waited {waited_ms:.0f} ms)")
+        why = self.overloaded(len(msgs))
+        if why is not None:
+            telemetry.REFUSED.inc(len(msgs))
+            raise HTTPException(503, f"{why}; retry after the Retry-After seconds", headers={"Retry-After": "1"})
         return msgs
 
-    @staticmethod
-    def _refuse(n: int, why: str) -> NoReturn:
-        telemetry.REFUSED.inc(n)
-        raise HTTPException(503, f"{why}; retry after the Retry-After seconds", headers={"Retry-After": "1"})
+    def overloaded(self, n: int) -> str | None:
+        """Why `n` more texts may not be admitted now (too many in flight, or the pipeline is behind), or None."""
+        in_flight, limit = self.book.in_flight, self.settings.gateway_max_in_flight
+        if in_flight + n > limit:
+            return f"too many texts in flight ({in_flight} of {limit})"
+        waited_ms, shed_ms = self.book.oldest_wait_s * 1000, self.settings.gateway_shed_after_ms
+        if shed_ms and waited_ms > shed_ms:
+            return f"the pipeline is behind (a text in flight has waited {waited_ms:.0f} ms)"
+        return None
 
     def _message(self, request: PredictRequest, where: str) -> TextSubmitted:
         if not request.text.strip():
@@ -171,6 +174,7 @@ def create_app(
     app = FastAPI(title="Flockwatch gateway", version="0.1.0", lifespan=lifespan, responses=ERRORS)
     explain_unreadable_bodies(app)
     guard = harden(app, settings, settings.gateway_max_body_bytes)
+    app.add_middleware(ShedLoad, overloaded=gateway.overloaded)  # before auth, body limits, routing
     app.add_middleware(HttpTelemetry, name="gateway")  # outermost: refused requests (401, 413, 429) count too
 
     @app.exception_handler(RequestValidationError)
