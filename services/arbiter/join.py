@@ -326,9 +326,12 @@ class RedisJoinStore(JoinStore):
             JOIN_TTL_S,
             self._lease_ms,
         ]
+        sent: dict[bytes, Vote] = {}  # what this batch stores, by its JSON: such a vote need not be parsed back
         for vote in votes:
-            args += [vote.text_id, vote.voter, vote.model_dump_json()]
-        return self._ready(await self._add(args=args))
+            raw = vote.model_dump_json().encode()
+            sent[raw] = vote
+            args += [vote.text_id, vote.voter, raw]
+        return self._ready(await self._add(args=args), sent)
 
     async def pop_expired(self, now: float, limit: int = 1000) -> list[Ready]:
         return self._ready(await self._pop(args=[self.prefix, int(now * 1000), limit, JOIN_TTL_S, self._lease_ms]))
@@ -338,12 +341,12 @@ class RedisJoinStore(JoinStore):
             await self._confirm(args=[self.prefix, CLAIM_TTL_S, *text_ids])
 
     @staticmethod
-    def _ready(flat: list[Any]) -> list[Ready]:
-        ready = []
+    def _ready(flat: list[Any], known: dict[bytes, Vote] | None = None) -> list[Ready]:
+        ready, known = [], known or {}
         for text_id, fields in zip(flat[::2], flat[1::2], strict=True):
             pairs = dict(zip(fields[::2], fields[1::2], strict=True))
             t, text, meta, _, rounds = (pairs.pop(f, None) for f in (b"t", b"x", b"m", b"e", b"r"))
-            votes = [Vote.model_validate_json(v) for v in pairs.values()]
+            votes = [known.get(v) or Vote.model_validate_json(v) for v in pairs.values()]
             ready.append(
                 Ready(
                     text_id.decode(),
