@@ -37,13 +37,12 @@ log = logging.getLogger(__name__)
 FORGET_CONSUMER_IDLE_MS = 3_600_000  # live consumers (and reclaimers) call Redis every few seconds at most
 
 
-async def tolerant_redis_batch_parser(message: Any, original: Any) -> Any:
-    """FastStream's Redis batch parser fails the whole batch on one non-UTF-8 entry; replace such
-    entries with their text (invalid bytes replaced) so that only they go to the dead-letter topic.
-    The body handed on is each entry's raw payload, as on Kafka and NATS: the bus checks its size before
-    parsing it (FastStream's own parse has decoded it already, but the bus's limit still applies)."""
-    # FastStream's own batch parse would decode every body's JSON, re-encode the list and decode it again: it
-    # builds only the message (ids, ack) here, and each entry is split into body and headers once
+async def raw_redis_batch_parser(message: Any, original: Any) -> Any:
+    """A Redis batch whose body is each entry's raw payload (and whose batch headers are each entry's
+    headers), as on Kafka and NATS: the bus checks each payload's size, validates it, and dead-letters alone
+    one that is not valid UTF-8 or JSON. FastStream's own batch parse would decode every body's JSON,
+    re-encode the list and decode it again (and fail the whole batch on one non-UTF-8 entry): it builds only
+    the message (ids, ack) here."""
     parsed = await original({**message, "data": []})
     entries = [_redis_entry(entry) for entry in message["data"]]
     parsed.body = [body for body, _ in entries]
@@ -128,7 +127,7 @@ class FastStreamBus(Bus):
                     max_records=route.max_batch,
                     polling_interval=REDIS_BLOCK_MS,
                 ),
-                parser=tolerant_redis_batch_parser,
+                parser=raw_redis_batch_parser,
                 decoder=raw_batch_decoder,
             )
         else:
@@ -161,7 +160,7 @@ class FastStreamBus(Bus):
                 min_idle_time=idle,
                 polling_interval=max(50, min(idle // 4, 5_000)),  # the pause after a scan of the pending list
             ),
-            parser=tolerant_redis_batch_parser,
+            parser=raw_redis_batch_parser,
             decoder=raw_batch_decoder,
         )
 

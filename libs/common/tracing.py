@@ -159,11 +159,19 @@ def sending(events: Sequence[Event], scheme: str) -> Iterator[list[dict[str, str
         _PROPAGATOR.inject(carrier, trace.set_span_in_context(span))
         spans.append(span)
         carriers.append(carrier)
-    try:
+    with _closing(spans):
         yield carriers
+
+
+@contextmanager
+def _closing(spans: Sequence[Span], record: bool = True) -> Iterator[None]:
+    """End `spans` when the block ends; when it raises, mark each failed (and record the exception if `record`)."""
+    try:
+        yield
     except BaseException as exc:
         for span in spans:
-            span.record_exception(exc)
+            if record:
+                span.record_exception(exc)
             span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
         raise
     finally:
@@ -207,18 +215,12 @@ def consuming(
         _remember(event.key, ctx)
     token = _CURRENT.set(texts)
     attached = otel_context.attach(trace.set_span_in_context(batch))
-    try:
-        yield
-    except BaseException as exc:
-        for span in spans:
-            span.record_exception(exc)
-            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-        raise
-    finally:
-        otel_context.detach(attached)
-        _CURRENT.reset(token)
-        for span in spans:
-            span.end()
+    with _closing(spans):
+        try:
+            yield
+        finally:
+            otel_context.detach(attached)
+            _CURRENT.reset(token)
 
 
 @contextmanager
@@ -238,16 +240,11 @@ def text_spans(name: str, events: Sequence[Event]) -> Iterator[None]:
         texts[event.key] = ctx = trace.set_span_in_context(span)
         _remember(event.key, ctx)
     token = _CURRENT.set({**(_CURRENT.get() or {}), **texts})
-    try:
-        yield
-    except BaseException as exc:
-        for span in spans:
-            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-        raise
-    finally:
-        _CURRENT.reset(token)
-        for span in spans:
-            span.end()
+    with _closing(spans, record=False):
+        try:
+            yield
+        finally:
+            _CURRENT.reset(token)
 
 
 def extract(headers: Mapping[str, str]) -> Context | None:

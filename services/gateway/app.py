@@ -38,7 +38,7 @@ ERRORS: dict[int | str, dict[str, object]] = {
     413: {"model": Problem, "description": "Text or body too large"},
     429: {"model": Problem, "description": "The token is over its rate limit; retry after the Retry-After seconds"},
     422: {"model": Problem, "description": "Empty or non-text input"},
-    503: {"model": Problem, "description": "Too many texts in flight; retry after the Retry-After seconds"},
+    503: {"model": Problem, "description": "Too many texts in flight, or the pipeline behind; retry after Retry-After"},
 }
 
 

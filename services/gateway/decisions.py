@@ -18,8 +18,8 @@ class DecisionBook:
         self.keep = keep
         self.accepted_ttl_s = accepted_ttl_s
         self._decisions: OrderedDict[str, Decision] = OrderedDict()
-        self._waiting: dict[str, asyncio.Future[Decision]] = {}  # in the order they started waiting
-        self._since: dict[str, float] = {}  # when each waiter started (monotonic)
+        # text id → its future and when the wait began (monotonic), in the order the waits began
+        self._waiting: dict[str, tuple[asyncio.Future[Decision], float]] = {}
         self._accepted: OrderedDict[str, float] = OrderedDict()  # text id → when accepted (monotonic)
 
     def get(self, text_id: str) -> Decision | None:
@@ -28,15 +28,14 @@ class DecisionBook:
 
     def waiting_for(self, text_id: str) -> asyncio.Future[Decision] | None:
         """The future of a request already waiting for `text_id`, if any."""
-        return self._waiting.get(text_id)
+        waiting = self._waiting.get(text_id)
+        return waiting[0] if waiting else None
 
     def wait_for(self, text_id: str) -> asyncio.Future[Decision]:
         """A future resolved when the decision for `text_id` arrives (shared by concurrent waiters)."""
-        future = self._waiting.get(text_id)
-        if future is None:
-            future = self._waiting[text_id] = asyncio.get_running_loop().create_future()
-            self._since[text_id] = time.monotonic()
-        return future
+        if text_id not in self._waiting:
+            self._waiting[text_id] = (asyncio.get_running_loop().create_future(), time.monotonic())
+        return self._waiting[text_id][0]
 
     def accept(self, text_ids: Iterable[str]) -> None:
         """Count texts accepted without a waiter as in flight until decided (or until the TTL passes)."""
@@ -47,8 +46,7 @@ class DecisionBook:
 
     def forget_waiter(self, text_id: str) -> None:
         """Drop a waiter that gave up."""
-        future = self._waiting.pop(text_id, None)
-        self._since.pop(text_id, None)
+        future, _ = self._waiting.pop(text_id, (None, 0.0))
         if future is not None and not future.done():
             future.cancel()
 
@@ -58,17 +56,11 @@ class DecisionBook:
             self._decisions[decision.text_id] = decision
             self._decisions.move_to_end(decision.text_id)
             self._accepted.pop(decision.text_id, None)
-            future = self._waiting.pop(decision.text_id, None)
-            self._since.pop(decision.text_id, None)
+            future, _ = self._waiting.pop(decision.text_id, (None, 0.0))
             if future is not None and not future.done():
                 future.set_result(decision)
         while len(self._decisions) > self.keep:
             self._decisions.popitem(last=False)
-
-    @property
-    def waiting(self) -> int:
-        """Requests waiting for a decision."""
-        return len(self._waiting)
 
     @property
     def in_flight(self) -> int:
@@ -84,5 +76,6 @@ class DecisionBook:
     @property
     def oldest_wait_s(self) -> float:
         """How long the oldest text in flight has waited for its decision (0 when none is)."""
-        starts = [next(iter(d.values())) for d in (self._since, self._accepted) if d]
+        starts = [next(iter(self._waiting.values()))[1]] if self._waiting else []
+        starts += [next(iter(self._accepted.values()))] if self._accepted else []
         return time.monotonic() - min(starts) if starts else 0.0
