@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, NoReturn, TypeVar
@@ -48,6 +48,16 @@ TRANSIENT: tuple[type[BaseException], ...] = (
 TRANSIENT_PAUSE_S = 1.0  # before a failed batch is given back: redeliveries must not spin while a service is down
 
 
+@dataclass(frozen=True)
+class Ack:
+    """A consumed batch's acknowledgement, for a transport that sends it itself after the batch's outputs
+    (Redis Streams: XACK of these entry ids in the outputs' pipeline, one round trip for both)."""
+
+    topic: str
+    group: str
+    ids: Sequence[bytes | str]
+
+
 @dataclass
 class Route(Generic[E]):
     """A subscription: messages of `model` on `topic`, for consumer `group`, handled in batches."""
@@ -59,6 +69,9 @@ class Route(Generic[E]):
     broadcast: bool = False  # every instance gets every message (its own group)
     max_batch: int = 256
     max_wait_ms: int = 3
+    # called with the handler's outputs once they are published (and the batch acknowledged): what must
+    # happen only after publishing, without a round trip of its own in the handler
+    published: Callable[[Sequence[Event]], Awaitable[None]] | None = None
 
 
 class SeenIds:
@@ -79,6 +92,38 @@ class SeenIds:
                 self._ids.popitem(last=False)
 
 
+class Linger:
+    """How long a consumer waits, after a batch, before reading the next, so that under load batches grow and
+    their fixed costs (a read, a model call, a publish, an ack) are shared by more texts.
+
+    It waits `max_wait_s` only while texts come faster than one per `max_wait_s` and the last batch was not
+    full: at low load a lone text goes through at once. It counts texts (message keys), not messages: the votes
+    on one text come from several voters in several messages, and at low load they must not look like load."""
+
+    SMOOTHING = 0.2  # weight of the newest batch in the rate estimate
+
+    def __init__(self, max_wait_s: float, memory: int = 4096) -> None:
+        self.max_wait_s = max_wait_s
+        self.memory = memory
+        self.rate = 0.0  # new keys per second, smoothed over batches
+        self._last = time.monotonic()
+        self._recent: OrderedDict[str, None] = OrderedDict()
+
+    def after(self, keys: Sequence[str], full: bool) -> float:
+        """Seconds to wait after a batch with these keys (`full`: it had as many messages as a batch may)."""
+        now = time.monotonic()
+        new = 0
+        for key in keys:
+            if key not in self._recent:
+                new += 1
+                self._recent[key] = None
+        while len(self._recent) > self.memory:
+            self._recent.popitem(last=False)
+        elapsed, self._last = max(now - self._last, 1e-3), now
+        self.rate += self.SMOOTHING * (new / elapsed - self.rate)
+        return 0.0 if full or self.rate * self.max_wait_s < 1.0 else self.max_wait_s
+
+
 def _as_text(raw: Any) -> tuple[str, int]:
     if isinstance(raw, bytes | bytearray | memoryview):
         data = bytes(raw)
@@ -96,11 +141,18 @@ class Bus(ABC):
         self.settings = settings
         self.routes: list[Route[Any]] = []
         self._seen: dict[str, SeenIds] = {}
+        self._lingers: dict[str, Linger] = {}
 
     def subscribe(
-        self, topic: str, model: type[E], group: str, *, broadcast: bool = False
+        self,
+        topic: str,
+        model: type[E],
+        group: str,
+        *,
+        broadcast: bool = False,
+        published: Callable[[Sequence[Event]], Awaitable[None]] | None = None,
     ) -> Callable[[Handler[E]], Handler[E]]:
-        """Decorator registering a batch handler for `topic`."""
+        """Decorator registering a batch handler for `topic` (`published`: see `Route.published`)."""
 
         def register(handler: Handler[E]) -> Handler[E]:
             self.routes.append(
@@ -112,29 +164,37 @@ class Bus(ABC):
                     broadcast,
                     self.settings.batch_max,
                     self.settings.batch_wait_ms,
+                    published,
                 )
             )
             return handler
 
         return register
 
-    async def publish(self, events: Sequence[Event]) -> None:
-        """Publish events, each to its type's topic, keyed by its text id; concurrently (pipelined)."""
+    async def publish(self, events: Sequence[Event], *, ack: Ack | None = None) -> None:
+        """Publish events, each to its type's topic, keyed by its text id; concurrently (pipelined). `ack`, a
+        consumed batch's acknowledgement, goes after them (Redis: in the same pipeline)."""
         if not events:
+            if ack is not None:
+                await self.publish_many([], ack=ack)
             return
         if tracing.ENABLED:  # a send span per event; its context travels in the message's headers
             with tracing.sending(events, self.settings.bus_scheme) as headers:
                 await self.publish_many(
-                    [(e.TOPIC, e.model_dump_json().encode(), e.key, h) for e, h in zip(events, headers, strict=True)]
+                    [(e.TOPIC, e.model_dump_json().encode(), e.key, h) for e, h in zip(events, headers, strict=True)],
+                    ack=ack,
                 )
         else:
-            await self.publish_many([(e.TOPIC, e.model_dump_json().encode(), e.key, None) for e in events])
-        for e in events:
-            telemetry.MESSAGES_OUT.labels(e.TOPIC).inc()
+            await self.publish_many([(e.TOPIC, e.model_dump_json().encode(), e.key, None) for e in events], ack=ack)
+        for topic, n in Counter(e.TOPIC for e in events).items():
+            telemetry.MESSAGES_OUT.labels(topic).inc(n)
 
-    async def publish_many(self, items: Sequence[tuple[str, bytes, str, Mapping[str, str] | None]]) -> None:
+    async def publish_many(
+        self, items: Sequence[tuple[str, bytes, str, Mapping[str, str] | None]], ack: Ack | None = None
+    ) -> None:
         """Put several (topic, payload, key, headers) messages on the bus; a transport that can send them in one
-        round trip does (Redis: one pipeline), the others send them concurrently."""
+        round trip does (Redis: one pipeline), the others send them concurrently. Only a transport that hands
+        out acknowledgements (`dispatch`'s `ack`) gets one back."""
         await asyncio.gather(*(self.publish_raw(*item) for item in items))
 
     @abstractmethod
@@ -161,11 +221,16 @@ class Bus(ABC):
         return f"{route.group}.{self.settings.instance_id}" if route.broadcast else route.group
 
     async def dispatch(
-        self, route: Route[E], items: Sequence[Any], headers: Sequence[Mapping[str, Any] | None] | None = None
+        self,
+        route: Route[E],
+        items: Sequence[Any],
+        headers: Sequence[Mapping[str, Any] | None] | None = None,
+        ack: Ack | None = None,
     ) -> None:
         """Decode a raw batch, dead-letter what is invalid, drop redeliveries, run the handler, publish.
 
-        `headers[i]` are item i's message headers (with tracing on, its trace context is the parent of its span)."""
+        `headers[i]` are item i's message headers (with tracing on, its trace context is the parent of its span).
+        `ack`: the transport's acknowledgement of the batch, sent with (after) the outputs' publication."""
         group = route.group
         seen = self._seen.setdefault(group, SeenIds(self.settings.dedupe_window))
         telemetry.MESSAGES_IN.labels(route.topic, group).inc(len(items))
@@ -197,13 +262,17 @@ class Bus(ABC):
                 carriers.append(headers[i] if headers else None)
         if tracing.ENABLED and events:
             with tracing.consuming(route.topic, group, self.settings.bus_scheme, events, carriers):
-                await self._handle(route, events, dead)
+                await self._handle(route, events, dead, ack)
         else:
-            await self._handle(route, events, dead)
+            await self._handle(route, events, dead, ack)
         for event in events:
             seen.add(event.message_id)
+        linger = self._lingers.setdefault(self.group_of(route) + route.topic, Linger(route.max_wait_ms / 1000))
+        pause = linger.after([e.key for e in events], len(items) >= route.max_batch)
+        if pause:
+            await asyncio.sleep(pause)
 
-    async def _handle(self, route: Route[E], events: list[E], dead: list[DeadLetter]) -> None:
+    async def _handle(self, route: Route[E], events: list[E], dead: list[DeadLetter], ack: Ack | None) -> None:
         """Run the handler on the valid events, publish its outputs and the dead letters."""
         group = route.group
         outputs: list[Event] = []
@@ -213,7 +282,9 @@ class Bus(ABC):
             outputs, failed = await self._run(route, events)
             telemetry.HANDLER_SECONDS.labels(group).observe(time.perf_counter() - start)
             dead += failed
-        await self.publish([*outputs, *dead])
+        await self.publish([*outputs, *dead], ack=ack)
+        if outputs and route.published is not None:
+            await route.published(outputs)
 
     async def _run(self, route: Route[E], events: list[E]) -> tuple[list[Event], list[DeadLetter]]:
         try:

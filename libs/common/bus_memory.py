@@ -41,12 +41,7 @@ class MemoryBus(Bus):
             batch = [await queue.get()]
             while len(batch) < route.max_batch and not queue.empty():
                 batch.append(queue.get_nowait())
-            # wait for stragglers only under load (more than one was waiting): a lone text goes at once
-            if 1 < len(batch) < route.max_batch and route.max_wait_ms:
-                await asyncio.sleep(route.max_wait_ms / 1000)
-                while len(batch) < route.max_batch and not queue.empty():
-                    batch.append(queue.get_nowait())
-            await self._deliver(route, batch)
+            await self._deliver(route, batch)  # under load, `dispatch` lingers before the next batch
 
     async def _deliver(self, route: Route[Any], batch: list[Item]) -> None:
         """Dispatch a batch until it goes through: in memory nobody would deliver it again. A handler's service

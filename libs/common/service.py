@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -19,6 +20,9 @@ from flockwatch.common.settings import CommonSettings
 from flockwatch.common.voting import Opinion, to_vote
 
 log = logging.getLogger(__name__)
+# A batch expected to take less than this many ms is scored on the event loop: handing it to a worker thread
+# and back costs more than that (a few ms of latency and CPU on a busy box).
+INLINE_MS = 2.0
 
 
 class Service(ABC):
@@ -30,7 +34,7 @@ class Service(ABC):
     async def start(self) -> None:
         """Load artifacts and open resources (before the bus delivers anything)."""
 
-    async def stop(self) -> None:
+    async def stop(self) -> None:  # noqa: B027 - optional: a service without resources has nothing to release
         """Release resources."""
 
 
@@ -56,6 +60,7 @@ class VoterService(Service):
         self.settings = settings
         self.core: VoterCore | None = None
         self.expired = 0  # cascade requests that arrived past their deadline (not answered)
+        self._ms_per_text: dict[VoterCore, float] = {}  # the core's smoothed cost; unknown at first: a thread
         if mode == "always":
             bus.subscribe(topics.TEXT_SUBMITTED, TextSubmitted, group=self.name)(self.on_texts)
         else:
@@ -102,9 +107,15 @@ class VoterService(Service):
         return await self._vote(core, cast(list[TextSubmitted], fresh))
 
     async def _vote(self, core: VoterCore, msgs: list[TextSubmitted]) -> list[Vote]:
+        texts = [m.text for m in msgs]
         start = time.perf_counter()
-        opinions = await asyncio.to_thread(core.predict, [m.text for m in msgs])
+        if len(texts) * self._ms_per_text.get(core, math.inf) <= INLINE_MS:
+            opinions = core.predict(texts)
+        else:  # a long call in a worker thread: the event loop keeps reading, publishing, heartbeating
+            opinions = await asyncio.to_thread(core.predict, texts)
         per_text_ms = (time.perf_counter() - start) * 1000 / len(msgs)
+        known = self._ms_per_text.get(core, per_text_ms)
+        self._ms_per_text = {core: known + 0.2 * (per_text_ms - known)}  # smoothed; forgets a replaced core
         votes = [
             to_vote(msg, voter, core.version, opinion, per_text_ms)
             for voter, column in opinions.items()

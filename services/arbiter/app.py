@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from flockwatch.arbiter.join import JoinStore, MemoryJoinStore, Ready, RedisJoinStore, Submitted
@@ -54,12 +55,13 @@ class ArbiterService(Service):
             else MemoryJoinStore(lease_s=settings.arbiter_lease_ms / 1000)
         )
         self._ticker: asyncio.Task[None] | None = None
+        self._unconfirmed: list[str] = []  # texts whose decisions are published, confirmed by the next tick
         # a voter counts as down only after a silence longer than the deadline: never sooner than a text would have
         # stopped waiting for it anyway (a voter reloading its model, or starved of CPU for a moment, is not down)
         silence_ms = max(settings.arbiter_voter_silence_ms, settings.arbiter_deadline_ms)
         self.voters = VoterWatch(silence_ms / 1000, settings.arbiter_max_extra_wait_ms / 1000)
         bus.subscribe(topics.TEXT_SUBMITTED, TextSubmitted, group=self.name)(self.on_texts)
-        bus.subscribe(topics.VOTE_CAST, Vote, group=self.name)(self.on_votes)
+        bus.subscribe(topics.VOTE_CAST, Vote, group=self.name, published=self.published)(self.on_votes)
         bus.subscribe(topics.MODEL_PUBLISHED, ModelPublished, group=self.name, broadcast=True)(self.on_model)
 
     @property
@@ -78,6 +80,8 @@ class ArbiterService(Service):
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await asyncio.wait_for(self._ticker, 5.0)  # a cancelled Redis call must not block shutdown
+        with contextlib.suppress(Exception):  # else their leases end and the texts are decided again
+            await asyncio.wait_for(self._confirm_published(), 2.0)
         try:  # a connection held by the cancelled ticker must not block shutdown
             await asyncio.wait_for(self.store.close(), 2.0)
         except TimeoutError:
@@ -92,7 +96,8 @@ class ArbiterService(Service):
         return []
 
     async def on_votes(self, votes: list[Vote]) -> list[Event]:
-        """Store votes; decide (or escalate) the texts that are now complete, publish, then confirm them."""
+        """Store votes; decide (or escalate) the texts that are now complete. The bus publishes the outcomes with
+        the votes' acknowledgement (one round trip), then `published` has their claims confirmed."""
         assert self.policy is not None
         now = time.time()
         lags: dict[str, float] = {}  # per voter: how long ago the freshest text it voted on was submitted
@@ -106,10 +111,16 @@ class ArbiterService(Service):
         expected = len(self.voters.live(self.policy.first_stage_voters))
         ready = await self.store.add_votes(votes, expected, self.deadline_s)
         try:
-            await self._publish(await self._decide(ready))
+            return await self._decide(ready)
         except Exception:  # noqa: BLE001 - the votes are stored: the deadline path decides once the claims' leases end
             log.exception("arbiter: deciding %d texts failed; they are decided again after their lease", len(ready))
-        return []
+            return []
+
+    async def published(self, events: Sequence[Event]) -> None:
+        """The decisions the vote handler returned are on the bus: their claims are confirmed by the next tick,
+        for all the batches of a tick at once (a claim's lease is far longer than a tick). A publish that failed
+        never gets here: its claims end with their leases and the texts are decided again."""
+        self._unconfirmed += [e.text_id for e in events if isinstance(e, Decision)]
 
     async def on_model(self, msgs: list[ModelPublished]) -> list[Event]:
         """Hot reload of the arbiter policy; a refused artifact keeps the current one."""
@@ -176,12 +187,21 @@ class ArbiterService(Service):
         await self.bus.publish(events)
         await self.store.confirm([e.text_id for e in events if isinstance(e, Decision)])
 
+    async def _confirm_published(self) -> None:
+        confirming, self._unconfirmed = self._unconfirmed, []
+        try:
+            await self.store.confirm(confirming)
+        except BaseException:
+            self._unconfirmed = confirming + self._unconfirmed  # the next tick tries again
+            raise
+
     async def _tick(self) -> None:
         failures = 0  # in a row: while Redis is down the loop backs off (to 2 s) and logs the traceback once
         while True:
             tick_s = self.settings.arbiter_tick_ms / 1000
             await asyncio.sleep(min(2.0, tick_s * 2**failures) if failures else tick_s)
             try:
+                await self._confirm_published()
                 voters = self.policy.first_stage_voters if self.policy else []
                 ready = await self.store.pop_expired(time.time() - self.voters.extra_wait_s(voters))
                 if ready:

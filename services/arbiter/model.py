@@ -175,8 +175,9 @@ class ArbiterPolicy:
             out.append(escalate or self._decision(item, used[i], notes[i], int(path[i]), p[i], sets[i]))
         traced = [i for i, o in enumerate(out) if isinstance(o, Decision)]
         if traced:
+            seen = (p[traced], sets[traced], path[traced], stage[traced])  # what the decisions saw, all votes in
             rounds = self._rounds(
-                [items[i] for i in traced], probs[traced], present[traced], [groups[i] for i in traced]
+                [items[i] for i in traced], probs[traced], present[traced], [groups[i] for i in traced], seen
             )
             for i, trace in zip(traced, rounds, strict=True):
                 decision = out[i]
@@ -209,14 +210,21 @@ class ArbiterPolicy:
         return p, sets, combined.path, stage
 
     def _rounds(
-        self, items: Sequence[DecideItem], probs: Array, present: Array, groups: list[list[str] | None]
+        self,
+        items: Sequence[DecideItem],
+        probs: Array,
+        present: Array,
+        groups: list[list[str] | None],
+        seen: tuple[Array, NDArray[np.bool_], NDArray[np.int8], NDArray[np.int64]],
     ) -> list[list[CascadeRound]]:
-        """Each decision's rounds: what each round saw (recomputed from its votes), why it went on or stopped."""
+        """Each decision's rounds: what each round saw (recomputed from its votes, unless they are all the votes
+        the decision saw: `seen`), why it went on or stopped."""
         last = [min(it.rounds, len(self.tiers)) for it in items]
         views = []
         for r in range(max(last) + 1):  # absent voters' rows must be zeros: the consensus path sums them
             mask = present & self._prefix[r]
-            views.append(self._cut(np.where(mask[:, :, None], probs, 0.0), mask, groups))
+            same = np.array_equal(mask, present)
+            views.append(seen if same else self._cut(np.where(mask[:, :, None], probs, 0.0), mask, groups))
         out = []
         for i in range(len(items)):
             trace = []

@@ -11,6 +11,7 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.telemetry import TelemetryConfig
 from flockwatch.common import telemetry, topics, tracing
 from flockwatch.common.auth import harden, require
 from flockwatch.common.bus import Bus, BusUnavailable, create_bus
@@ -31,6 +32,7 @@ from flockwatch.gateway.schemas import (
 from flockwatch.gateway.settings import GatewaySettings
 from flockwatch.gateway.shedding import ShedLoad
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 
 ERRORS: dict[int | str, dict[str, object]] = {
     401: {"model": Problem, "description": "No bearer token, or an unknown one (when auth is on)"},
@@ -142,8 +144,16 @@ class Gateway:
         return decided, pending
 
 
-def get_gateway(request: Request) -> Gateway:
-    """The gateway of the running app."""
+def json_response(body: BaseModel) -> Response:
+    """`body` as JSON, built once: a route that returns a model has FastAPI validate it against the response
+    model again and serialize it through `jsonable_encoder`, which on the predict routes cost as much as the
+    rest of the request. The routes still declare their `response_model` (the OpenAPI schema)."""
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
+async def get_gateway(request: Request) -> Gateway:
+    """The gateway of the running app (async: FastAPI runs a plain function dependency in a thread pool, a
+    thread hand-off per request)."""
     gateway: Gateway = request.app.state.gateway
     return gateway
 
@@ -171,7 +181,12 @@ def create_app(
             app.state.gateway = gateway
             yield
 
-    app = FastAPI(title="Flockwatch gateway", version="0.1.0", lifespan=lifespan, responses=ERRORS)
+    # FastAPI's own OpenTelemetry instrumentation looks for configured providers on every request; the
+    # gateway's spans come from `tracing` and its HTTP metrics from `HttpTelemetry`
+    native_telemetry_off: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
+    app = FastAPI(
+        title="Flockwatch gateway", version="0.1.0", lifespan=lifespan, responses=ERRORS, telemetry=native_telemetry_off
+    )
     explain_unreadable_bodies(app)
     guard = harden(app, settings, settings.gateway_max_body_bytes)
     app.add_middleware(ShedLoad, overloaded=gateway.overloaded)  # before auth, body limits, routing
@@ -194,7 +209,7 @@ def create_app(
     @app.post(
         "/predict", response_model=PredictResponse, responses={504: {"model": Problem}}, dependencies=predict_scope
     )
-    async def predict(body: PredictRequest, gw: GatewayDep) -> PredictResponse:
+    async def predict(body: PredictRequest, gw: GatewayDep) -> Response:
         """Classify a text and wait for the decision."""
         (msg,) = gw.admit([body])
         with tracing.text_spans("gateway /predict", [msg]):
@@ -203,18 +218,20 @@ def create_app(
             raise HTTPException(
                 504, f"no decision within {settings.gateway_predict_timeout_ms} ms; poll GET /decisions/{msg.text_id}"
             )
-        return gw.respond(decided[msg.text_id])
+        return json_response(gw.respond(decided[msg.text_id]))
 
     @app.post("/predict/batch", response_model=PredictBatchResponse, dependencies=predict_scope)
-    async def predict_batch(body: PredictBatchRequest, gw: GatewayDep) -> PredictBatchResponse:
+    async def predict_batch(body: PredictBatchRequest, gw: GatewayDep) -> Response:
         """Classify several texts at once and wait for their decisions; the batch is admitted whole or not at
         all (503). Texts not decided within the timeout come back under `pending` with their status URL."""
         msgs = gw.admit(body.texts)
         with tracing.text_spans("gateway /predict/batch", msgs):
             decided, pending = await gw.decide(msgs)
-        return PredictBatchResponse(
-            decisions=[gw.respond(decided[m.text_id]) for m in msgs if m.text_id in decided],
-            pending=[Accepted(text_id=t, status_url=f"/decisions/{t}") for t in pending],
+        return json_response(
+            PredictBatchResponse(
+                decisions=[gw.respond(decided[m.text_id]) for m in msgs if m.text_id in decided],
+                pending=[Accepted(text_id=t, status_url=f"/decisions/{t}") for t in pending],
+            )
         )
 
     @app.post("/texts", status_code=202, response_model=Accepted, dependencies=predict_scope)

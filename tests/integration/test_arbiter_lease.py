@@ -18,6 +18,7 @@ from flockwatch.arbiter.app import ArbiterService
 from flockwatch.arbiter.config import CascadeConfig
 from flockwatch.arbiter.join import JoinStore, MemoryJoinStore, RedisJoinStore
 from flockwatch.arbiter.settings import ArbiterSettings
+from flockwatch.common.bus import Ack
 from flockwatch.common.bus_memory import MemoryBus
 from flockwatch.common.events import Decision, Event, TextSubmitted
 
@@ -36,13 +37,13 @@ class FlakyBus(MemoryBus):
         self.lost: list[str] = []  # the texts whose decisions the failed publish carried
         self.published: list[str] = []  # the texts of the decisions published, one entry per publish
 
-    async def publish(self, events: Sequence[Event]) -> None:
+    async def publish(self, events: Sequence[Event], *, ack: Ack | None = None) -> None:
         decided = [e.text_id for e in events if isinstance(e, Decision)]
         if decided and not self.lost:
             self.lost = decided
             raise ConnectionError("broker unavailable")
         self.published += decided
-        await super().publish(events)
+        await super().publish(events, ack=ack)
 
 
 def cheap_votes(n: int, voters: Sequence[str]) -> list[Event]:

@@ -347,3 +347,27 @@ def test_serialized_policy_gives_identical_decisions(policy: ArbiterPolicy) -> N
         return d.prediction, d.confidence, d.prediction_set, d.abstain_reason, d.path, d.thresholds
 
     assert [key(d) for d in decisions(policy, votes)] == [key(d) for d in decisions(again, votes)]
+
+
+def test_lac_sets_without_mapie_checks_are_mapies_sets() -> None:
+    """The arbiter computes LAC sets from MAPIE's fitted quantile itself (MAPIE's per-call checks cost more than
+    the rest of a small batch's decision): every set equals MAPIE's `predict_set`, at the threshold's edge too;
+    a score other than LAC still goes through MAPIE."""
+    from flockwatch.arbiter.conformal import MondrianSets
+
+    rng = np.random.default_rng(21)
+    y = rng.integers(0, 3, size=900)
+    p = noisy_probs(y, 2.0, rng)
+    groups = [["a"] if i % 3 == 0 else [] for i in range(900)]
+    for method, by in (("lac", ("slice",)), ("lac", ("slice", "class")), ("aps", ())):
+        sets = MondrianSets.fit(p, y, groups, ["a"], CLASSES, alpha=0.1, method=method, by=by, min_points=50)
+        assert bool(sets._lac_quantiles) == (method == "lac")
+        test = np.vstack([noisy_probs(rng.integers(0, 3, size=500), s, rng) for s in (0.5, 2.0, 6.0)])
+        for key, clf in sets.calibrators.items():  # probabilities exactly at each class's threshold, and ε off it
+            clf.predict_set(test[:1])  # MAPIE computes its quantile in predict_set
+            q = float(np.ravel(clf._mapie_classifier.conformity_score_function_.quantiles_)[0])
+            edge = np.array(
+                [[1 - q, q, 0], [1 - q + 1e-9, q - 1e-9, 0], [1 - q - 5e-9, q + 5e-9, 0], [1 - q - 2e-8, q + 2e-8, 0]]
+            )
+            probe = np.vstack([test, edge])
+            assert np.array_equal(sets._sets(key, probe), np.asarray(clf.predict_set(probe)[1][:, :, 0], dtype=bool))
