@@ -1,0 +1,98 @@
+"""Publishing on Redis Streams: one transaction per event-loop turn, and a batch acknowledged only with what
+its handling published (never before)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import redis.asyncio as aioredis
+from flockwatch.common import topics
+from flockwatch.common.bus import Bus, create_bus
+from flockwatch.common.bus_faststream import FastStreamBus
+from flockwatch.common.events import Event, TextSubmitted, Vote
+from flockwatch.common.settings import CommonSettings
+
+from tests.integration.kafka_echo_worker import echo
+from tests.integration.test_bus import until
+
+URL = "redis://127.0.0.1:6379/11"
+
+
+def texts(run: str, n: int) -> list[TextSubmitted]:
+    return [TextSubmitted(message_id=f"{run}-{i}", text_id=f"{run}-{i}", text=f"text {i}") for i in range(n)]
+
+
+def count_transactions(bus: Bus) -> list[int]:
+    """Each transaction's number of XADDs, recorded as it leaves."""
+    assert isinstance(bus, FastStreamBus) and bus._redis_sender is not None
+    sender, sizes = bus._redis_sender, []
+    send = sender._transaction
+
+    async def counted(entries: list[Any], acks: list[Any]) -> None:
+        sizes.append(len(entries))
+        await send(entries, acks)
+
+    sender._transaction = counted  # type: ignore[method-assign]
+    return sizes
+
+
+async def test_concurrent_publishes_of_one_loop_turn_leave_in_one_transaction() -> None:
+    client = aioredis.from_url(URL)
+    await client.flushdb()
+    run = uuid.uuid4().hex[:8]
+    bus = create_bus(CommonSettings(bus_url=URL, instance_id=run))
+    sizes = count_transactions(bus)
+    async with bus:
+        await asyncio.gather(*(bus.publish([t]) for t in texts(run, 50)))  # 50 requests in flight at once
+        await bus.publish(texts(f"{run}-later", 3))
+    assert sizes == [50, 3]
+    assert await client.xlen(topics.TEXT_SUBMITTED) == 53
+    await client.aclose()
+
+
+async def test_a_batch_is_acknowledged_only_with_its_published_outputs() -> None:
+    """The voter's first output publishes fail (the broker unreachable past the retry window): its batch stays
+    pending, unacknowledged; the reclaimer hands it over again and it is acknowledged with its votes."""
+    client = aioredis.from_url(URL)
+    await client.flushdb()
+    run = uuid.uuid4().hex[:8]
+    settings = CommonSettings(bus_url=URL, instance_id=run, publish_retry_s=0.2, redis_claim_idle_ms=400)
+    bus = create_bus(settings)
+    handled: list[int] = []
+    votes: list[Vote] = []
+
+    @bus.subscribe(topics.TEXT_SUBMITTED, TextSubmitted, group="voter")
+    async def vote(msgs: list[TextSubmitted]) -> list[Event]:
+        handled.append(len(msgs))
+        return echo(msgs)
+
+    @bus.subscribe(topics.VOTE_CAST, Vote, group="votes")
+    async def keep(msgs: list[Vote]) -> list[Event]:
+        votes.extend(msgs)
+        return []
+
+    assert isinstance(bus, FastStreamBus) and bus._redis_sender is not None
+    sender = bus._redis_sender
+    send, failing = sender._transaction, [True]
+
+    async def flaky(entries: list[Any], acks: list[Any]) -> None:
+        if failing[0] and entries and any(b"vote" in data for _, data in entries):
+            raise ConnectionError("broker unreachable")
+        await send(entries, acks)
+
+    sender._transaction = flaky  # type: ignore[method-assign]
+    async with bus:
+        await bus.publish(texts(run, 5))
+        await until(lambda: sum(handled) >= 5)
+        await asyncio.sleep(0.5)
+        pending = await client.xpending(topics.TEXT_SUBMITTED, "voter")
+        assert pending["pending"] == 5 and not votes  # handled, nothing published, nothing acknowledged
+        failing[0] = False
+        await until(lambda: len({v.text_id for v in votes}) == 5)
+        await until(lambda: False, 0.3)
+        pending = await client.xpending(topics.TEXT_SUBMITTED, "voter")
+    assert {v.text_id for v in votes} == {t.text_id for t in texts(run, 5)}
+    assert pending["pending"] == 0 and sum(handled) >= 10  # handled again after the failure, then acknowledged
+    await client.aclose()
