@@ -4,25 +4,38 @@
 classifier, estimator and calibrator), which costs milliseconds even for one text. For linear estimators
 with sigmoid or isotonic calibrators the math is a matrix product, an elementwise map and a mean, so
 `FastCalibrated` takes the fitted parameters once and redoes that math in the order sklearn does it.
-Anything it does not know is left to sklearn: `FastCalibrated.compile` returns None.
+
+`TfidfVectorizer.transform` is the same story on the feature side: for one text about three quarters of
+its time goes to validation (`check_array` and its dataframe probes, `normalize`'s checks, scipy's format
+checks on every intermediate matrix), not to the text. `FastTfidf` keeps the vectorizer's own analyzer and
+vocabulary, counts terms as `CountVectorizer._count_vocab` does, and applies `TfidfTransformer.transform`'s
+steps on the bare CSR arrays (sublinear tf, idf, then sklearn's own Cython row normalizer), so the result
+is bit for bit what sklearn returns; `FastFeatures` puts the parts of a `FeatureUnion` side by side as
+`FeatureUnion.transform` does.
+
+Anything these do not know is left to sklearn: `compile` returns None. Types are checked exactly, never
+with isinstance, and `serves` tells whether the fitted object has changed since it was compiled.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from itertools import repeat
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 from scipy import sparse
 from scipy.special import expit
 from sklearn.calibration import CalibratedClassifierCV, _CalibratedClassifier, _SigmoidCalibration
-from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.feature_extraction.text import TfidfTransformer, TfidfVectorizer
 from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import FeatureUnion
 from sklearn.svm import LinearSVC
+from sklearn.utils.sparsefuncs_fast import _inplace_csr_row_normalize_l1, _inplace_csr_row_normalize_l2
 
 Array = NDArray[np.float64]
 
@@ -187,3 +200,201 @@ def transform_features(features: FeatureUnion, texts: list[str]) -> Any:
         return features.transform(texts)
     # what FeatureUnion itself returns when its parts are sparse
     return sparse.hstack([part.transform(texts) for part in parts]).tocsr()
+
+
+# What `TfidfVectorizer.transform` reads from the vectorizer itself: the analyzer's parameters, `binary` and
+# `dtype`. (max_df, min_df, max_features and vocabulary only matter when fitting.)
+TRANSFORM_PARAMS = (
+    "input",
+    "encoding",
+    "decode_error",
+    "strip_accents",
+    "lowercase",
+    "preprocessor",
+    "tokenizer",
+    "analyzer",
+    "stop_words",
+    "token_pattern",
+    "ngram_range",
+    "binary",
+    "dtype",
+)
+FLOAT_DTYPES = (np.float64, np.float32)
+# sklearn's own in-place row normalizers (what `normalize(X, norm, copy=False)` calls for CSR input), on
+# bare arrays: (data, shape, indices, indptr)
+NORMALIZERS: dict[str, Callable[..., None]] = {
+    "l1": _inplace_csr_row_normalize_l1,
+    "l2": _inplace_csr_row_normalize_l2,
+}
+INT32_MAX = int(np.iinfo(np.int32).max)
+OUT_OF_VOCABULARY = -1  # not a column: compile checks that the vocabulary's columns are 0 .. n - 1
+
+
+class Rows(NamedTuple):
+    """The arrays of a CSR matrix, without scipy's object (and its format checks) around them."""
+
+    data: NDArray[Any]
+    indices: NDArray[np.int32]
+    indptr: NDArray[np.int32]
+
+
+def _vectorizer_state(vectorizer: TfidfVectorizer) -> tuple[Any, ...]:
+    """Everything `vectorizer.transform` depends on; compared by identity, as set_params and fit replace them."""
+    tfidf = vectorizer._tfidf
+    fitted = (vectorizer.vocabulary_, tfidf, getattr(tfidf, "idf_", None), tfidf.norm, tfidf.sublinear_tf)
+    return fitted + tuple(getattr(vectorizer, name) for name in TRANSFORM_PARAMS)
+
+
+@dataclass(frozen=True, eq=False)
+class FastTfidf:
+    """`TfidfVectorizer.transform`, step by step as sklearn does it, on bare CSR arrays.
+
+    `CountVectorizer._count_vocab`: the vectorizer's own analyzer, its vocabulary's column per known
+    term, the counts in `dtype`, columns sorted within each row. `CountVectorizer.transform`: all ones
+    when binary. `TfidfTransformer.transform`: log(count) + 1 when sublinear, times `idf_` per column
+    when fitted with idf, then each row divided by its l1 or l2 norm. Indices are int32, as sklearn's
+    below 2**31 stored entries. Unlike sklearn it takes an empty batch (and returns no rows).
+    """
+
+    source: TfidfVectorizer
+    state: tuple[Any, ...]  # _vectorizer_state(source) at compile time
+    analyze: Callable[[str], list[str]]
+    vocabulary: Mapping[str, int]
+    dtype: np.dtype[Any]
+    binary: bool
+    sublinear_tf: bool
+    idf: NDArray[Any] | None
+    normalize: Callable[..., None] | None
+
+    @classmethod
+    def compile(cls, vectorizer: Any) -> FastTfidf | None:
+        """The fast path for a fitted TF-IDF vectorizer, or None when it is of an unknown kind or state."""
+        if type(vectorizer) is not TfidfVectorizer or type(getattr(vectorizer, "_tfidf", None)) is not TfidfTransformer:
+            return None
+        tfidf, vocabulary = vectorizer._tfidf, getattr(vectorizer, "vocabulary_", None)
+        # sklearn refuses these at transform time (not fitted, empty or broken vocabulary): let it say so
+        if type(vocabulary) is not dict or not vocabulary or getattr(tfidf, "n_features_in_", None) != len(vocabulary):
+            return None
+        if set(vocabulary.values()) != set(range(len(vocabulary))) or len(vocabulary) > INT32_MAX:
+            return None
+        # float64 or float32 as such, not a spelling sklearn would warn about and convert
+        if vectorizer.dtype not in FLOAT_DTYPES or (tfidf.norm is not None and tfidf.norm not in NORMALIZERS):
+            return None
+        try:
+            analyze = vectorizer.build_analyzer()
+        except ValueError:  # an unknown analyzer name
+            return None
+        idf = getattr(tfidf, "idf_", None)
+        if idf is not None and (
+            type(idf) is not np.ndarray or idf.shape != (len(vocabulary),) or idf.dtype.kind != "f"
+        ):
+            return None
+        normalize = None if tfidf.norm is None else NORMALIZERS[tfidf.norm]
+        state = _vectorizer_state(vectorizer)
+        binary, sublinear_tf = bool(vectorizer.binary), bool(tfidf.sublinear_tf)
+        return cls(
+            vectorizer, state, analyze, vocabulary, np.dtype(vectorizer.dtype), binary, sublinear_tf, idf, normalize
+        )
+
+    @property
+    def width(self) -> int:
+        return len(self.vocabulary)
+
+    def serves(self, vectorizer: Any) -> bool:
+        """Whether this was compiled from `vectorizer` as it is now (not refitted or reconfigured since)."""
+        if vectorizer is not self.source:
+            return False
+        return all(now is then for now, then in zip(_vectorizer_state(vectorizer), self.state, strict=True))
+
+    def transform(self, docs: Sequence[str]) -> sparse.csr_matrix:
+        """The TF-IDF matrix (n, width), equal to `source.transform(docs)` in structure, dtype and every bit."""
+        rows = self.rows(docs)
+        return sparse.csr_matrix((rows.data, rows.indices, rows.indptr), shape=(len(rows.indptr) - 1, self.width))
+
+    def rows(self, docs: Sequence[str]) -> Rows:
+        """The arrays of `transform(docs)`."""
+        if isinstance(docs, str):
+            raise ValueError("Iterable over raw text documents expected, string object received.")
+        rows = self.counts(docs)
+        data = rows.data
+        if self.binary:
+            data.fill(1)
+        if self.sublinear_tf:
+            np.log(data, out=data)
+            data += 1.0
+        if self.idf is not None:
+            data *= self.idf[rows.indices]
+        if self.normalize is not None:
+            self.normalize(data, (len(rows.indptr) - 1, self.width), rows.indices, rows.indptr)
+        return rows
+
+    def counts(self, docs: Sequence[str]) -> Rows:
+        """Per document, the vocabulary's columns (ascending) and how often each term occurs, in `dtype`."""
+        column = self.vocabulary.get
+        columns: list[int] = []
+        counts: list[int] = []
+        indptr = [0]
+        for doc in docs:
+            found = Counter(map(column, self.analyze(doc), repeat(OUT_OF_VOCABULARY)))
+            found.pop(OUT_OF_VOCABULARY, None)
+            row = sorted(found)
+            columns.extend(row)
+            counts.extend(map(found.__getitem__, row))
+            indptr.append(len(columns))
+        return Rows(
+            np.array(counts, dtype=self.dtype), np.array(columns, dtype=np.int32), np.array(indptr, dtype=np.int32)
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class FastFeatures:
+    """`FeatureUnion.transform` for an unweighted union of TF-IDF vectorizers: each row is the parts' rows in order.
+
+    That is what sklearn's `sparse.hstack(parts).tocsr()` holds, built here with one scipy matrix, not three.
+    """
+
+    source: FeatureUnion
+    parts: list[tuple[str, Any]]  # source.transformer_list at compile time
+    fast: tuple[FastTfidf, ...]
+
+    @classmethod
+    def compile(cls, features: Any) -> FastFeatures | None:
+        """The fast path for a fitted union of TF-IDF vectorizers, or None when any part is of an unknown kind."""
+        if type(features) is not FeatureUnion or features.transformer_weights or not features.transformer_list:
+            return None
+        fast = tuple(FastTfidf.compile(part) for _, part in features.transformer_list)
+        if any(f is None for f in fast):
+            return None
+        compiled = tuple(f for f in fast if f is not None)
+        if len({f.dtype for f in compiled}) != 1 or sum(f.width for f in compiled) > INT32_MAX:
+            return None
+        return cls(features, list(features.transformer_list), compiled)
+
+    def serves(self, features: Any) -> bool:
+        """Whether this was compiled from `features` as it is now (same parts, each as it was)."""
+        if features is not self.source or features.transformer_weights:
+            return False
+        now = features.transformer_list
+        if len(now) != len(self.parts) or any(a is not b for (_, a), (_, b) in zip(now, self.parts, strict=True)):
+            return False
+        return all(f.serves(part) for f, (_, part) in zip(self.fast, now, strict=True))
+
+    def transform(self, texts: Sequence[str]) -> sparse.csr_matrix:
+        """The features (n, total width), equal to `source.transform(texts)` in structure, dtype and every bit."""
+        parts = [f.rows(texts) for f in self.fast]
+        n = len(texts)
+        lengths = [np.diff(part.indptr) for part in parts]
+        indptr = np.zeros(n + 1, dtype=np.int32)
+        np.cumsum(sum(lengths), out=indptr[1:])
+        data = np.empty(indptr[-1], dtype=self.fast[0].dtype)
+        indices = np.empty(indptr[-1], dtype=np.int32)
+        start = indptr[:-1].copy()  # per row: where the next part's entries go
+        offset = 0
+        for part, length, f in zip(parts, lengths, self.fast, strict=True):
+            # an entry moves from its place in the part to the same place relative to its row's `start`
+            target = np.arange(len(part.data)) + np.repeat(start - part.indptr[:-1], length)
+            data[target] = part.data
+            indices[target] = part.indices + offset
+            start += length
+            offset += f.width
+        return sparse.csr_matrix((data, indices, indptr), shape=(n, offset))

@@ -8,7 +8,7 @@ from functools import partial
 from typing import Any, Self
 
 import numpy as np
-from flockwatch.classical_voter.fastpath import FastCalibrated, compile_all, transform_features
+from flockwatch.classical_voter.fastpath import FastCalibrated, FastFeatures, compile_all, transform_features
 from flockwatch.common.metrics import expected_calibration_error
 from flockwatch.common.voting import Opinion
 from numpy.typing import NDArray
@@ -95,6 +95,7 @@ class ClassicalModel(BaseEstimator):  # type: ignore[misc,unused-ignore]  # skle
             v: self._calibrated(v, self.methods_[v], min(counts.values())).fit(x, labels) for v in VOTERS
         }
         self._fast = compile_all(self.models_)
+        self._fast_features = FastFeatures.compile(self.features_)
         self.report_: dict[str, Any] = {
             "n_train": len(labels),
             "n_features": int(x.shape[1]),
@@ -108,7 +109,7 @@ class ClassicalModel(BaseEstimator):  # type: ignore[misc,unused-ignore]  # skle
         self._check_fitted()
         if len(texts) == 0:
             return {v: np.empty((0, len(self.classes_))) for v in self.voters_}
-        x = transform_features(self.features_, list(texts))
+        x = self._transform(list(texts))
         return {v: normalized(self._predict_proba(v, x)) for v in self.voters_}
 
     def predict(self, texts: Sequence[str]) -> dict[str, list[Opinion]]:
@@ -142,6 +143,13 @@ class ClassicalModel(BaseEstimator):  # type: ignore[misc,unused-ignore]  # skle
                 out[voter][held_out] = probs
         return out
 
+    def _transform(self, texts: list[str]) -> Any:
+        """sklearn's features, through the fast path when they have one (see fastpath.py)."""
+        fast: FastFeatures | None = getattr(self, "_fast_features", None)
+        if fast is not None and fast.serves(self.features_):
+            return fast.transform(texts)
+        return transform_features(self.features_, texts)
+
     def _predict_proba(self, voter: str, x: Any) -> NDArray[np.float64]:
         """sklearn's probabilities, through the fast path when the model has one (see fastpath.py)."""
         model = self.models_[voter]
@@ -152,15 +160,17 @@ class ClassicalModel(BaseEstimator):  # type: ignore[misc,unused-ignore]  # skle
         return out
 
     def __getstate__(self) -> dict[str, Any]:
-        # The fast path is derived from models_: rebuilt on load rather than stored twice.
+        # The fast paths are derived from features_ and models_: rebuilt on load rather than stored twice.
         state = dict(super().__getstate__())
         state.pop("_fast", None)
+        state.pop("_fast_features", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         if hasattr(self, "models_"):
             self._fast = compile_all(self.models_)
+            self._fast_features = FastFeatures.compile(self.features_)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "models_"):
