@@ -20,9 +20,10 @@ from flockwatch.common.settings import CommonSettings
 from flockwatch.common.voting import Opinion, to_vote
 
 log = logging.getLogger(__name__)
-# A batch expected to take less than this many ms is scored on the event loop: handing it to a worker thread
-# and back costs more than that (a few ms of latency and CPU on a busy box).
-INLINE_MS = 2.0
+# A batch expected to take less than this many ms is scored on the event loop: a voter's loop only reads and
+# publishes, so a stall that short costs nothing, while a hand-off to a worker thread and back costs CPU and
+# latency on a busy box (a tenth of the regex voter's CPU). Slower calls (the LLM, huge batches) take a thread.
+INLINE_MS = 50.0
 
 
 class Service(ABC):

@@ -262,6 +262,24 @@ return out
 """
 )
 
+# ARGV: prefix, ttl, then (text_id, submitted_at, has_text, text, metadata_json, deadline_ms)*
+# (one script call for a batch of texts: as a pipeline it was five commands per text, each packed by the client)
+_ADD_TEXTS = """
+local p, ttl = ARGV[1], tonumber(ARGV[2])
+for i = 3, #ARGV, 6 do
+  local id = ARGV[i]
+  local key = p .. 'join:' .. id
+  redis.call('HSETNX', key, 't', ARGV[i + 1])
+  if ARGV[i + 2] == '1' then
+    redis.call('HSETNX', key, 'x', ARGV[i + 3])
+    redis.call('HSETNX', key, 'm', ARGV[i + 4])
+  end
+  redis.call('EXPIRE', key, ttl)
+  redis.call('ZADD', p .. 'deadlines', 'NX', ARGV[i + 5], id)
+end
+return (#ARGV - 2) / 6
+"""
+
 # ARGV: prefix, claim_ttl, then text_id*
 _CONFIRM = """
 local p, claim_ttl = ARGV[1], tonumber(ARGV[2])
@@ -285,6 +303,7 @@ class RedisJoinStore(JoinStore):
         self.prefix = prefix
         self.lease_s = lease_s
         self._add = self.redis.register_script(_ADD_VOTES)
+        self._add_texts = self.redis.register_script(_ADD_TEXTS)
         self._pop = self.redis.register_script(_POP_EXPIRED)
         self._reopen = self.redis.register_script(_REOPEN)
         self._confirm = self.redis.register_script(_CONFIRM)
@@ -294,19 +313,17 @@ class RedisJoinStore(JoinStore):
         return max(1, int(self.lease_s * 1000))
 
     async def add_texts(self, items: Sequence[tuple[Any, ...]], deadline_s: float) -> None:
-        pipe = self.redis.pipeline(transaction=False)
+        if not items:
+            return
         now = time.time()
+        args: list[Any] = [self.prefix, JOIN_TTL_S]
         for item in items:
             sub = Submitted(*item)
-            key = f"{self.prefix}join:{sub.text_id}"
-            pipe.hsetnx(key, "t", repr(sub.submitted_at))
-            if sub.text is not None:
-                pipe.hsetnx(key, "x", sub.text)
-                pipe.hsetnx(key, "m", json.dumps(sub.metadata or {}))
-            pipe.expire(key, JOIN_TTL_S)
             deadline_ms = int((max(sub.submitted_at, now) + deadline_s) * 1000)
-            pipe.zadd(f"{self.prefix}deadlines", {sub.text_id: deadline_ms}, nx=True)
-        await pipe.execute()
+            has_text = sub.text is not None
+            args += [sub.text_id, repr(sub.submitted_at), int(has_text), sub.text if has_text else ""]
+            args += [json.dumps(sub.metadata or {}) if has_text else "", deadline_ms]
+        await self._add_texts(args=args)
 
     async def reopen(self, item: Ready, expected: int, deadline_s: float) -> None:
         fields: list[Any] = ["r", item.rounds + 1, "m", json.dumps(item.metadata)]

@@ -114,6 +114,7 @@ class ArbiterPolicy:
         self.tiers = [voters for voters, _ in active_tiers(self.config, self.stacker.voters_)]
         self.escalate_at = tuple(self.escalate_at) + (2.0,) * (len(self.tiers) - len(self.escalate_at))
         self._cascade = [v for tier in self.tiers for v in tier]
+        self._first_stage = tuple(v for v in self.expected_voters if v not in self._cascade)
         # column masks of the voters each round may use (round 0: every voter outside the cascade)
         self._prefix = np.ones((len(self.tiers) + 1, len(self._slot)), dtype=bool)
         for r in range(len(self.tiers) + 1):
@@ -128,7 +129,7 @@ class ArbiterPolicy:
     @property
     def first_stage_voters(self) -> list[str]:
         """The voters a text waits for before its first decision."""
-        return [v for v in self.expected_voters if v not in self._cascade]
+        return list(self._first_stage)
 
     @property
     def thresholds(self) -> dict[str, float]:
