@@ -137,6 +137,8 @@ def _as_text(raw: Any) -> tuple[str, int]:
 class Bus(ABC):
     """Publish events; run batch handlers for routes. Concrete buses differ only in transport."""
 
+    lingers = True  # under load, wait after a batch for the next to fill (`Linger`): a broker's reads cost
+
     def __init__(self, settings: CommonSettings) -> None:
         self.settings = settings
         self.routes: list[Route[Any]] = []
@@ -267,10 +269,11 @@ class Bus(ABC):
             await self._handle(route, events, dead, ack)
         for event in events:
             seen.add(event.message_id)
-        linger = self._lingers.setdefault(self.group_of(route) + route.topic, Linger(route.max_wait_ms / 1000))
-        pause = linger.after([e.key for e in events], len(items) >= route.max_batch)
-        if pause:
-            await asyncio.sleep(pause)
+        if self.lingers:
+            linger = self._lingers.setdefault(self.group_of(route) + route.topic, Linger(route.max_wait_ms / 1000))
+            pause = linger.after([e.key for e in events], len(items) >= route.max_batch)
+            if pause:
+                await asyncio.sleep(pause)
 
     async def _handle(self, route: Route[E], events: list[E], dead: list[DeadLetter], ack: Ack | None) -> None:
         """Run the handler on the valid events, publish its outputs and the dead letters."""

@@ -61,7 +61,7 @@ class VoterService(Service):
         self.settings = settings
         self.core: VoterCore | None = None
         self.expired = 0  # cascade requests that arrived past their deadline (not answered)
-        self._ms_per_text: dict[VoterCore, float] = {}  # the core's smoothed cost; unknown at first: a thread
+        self._cost: tuple[VoterCore, float] | None = None  # a core's smoothed ms per text (unknown: a thread)
         if mode == "always":
             bus.subscribe(topics.TEXT_SUBMITTED, TextSubmitted, group=self.name)(self.on_texts)
         else:
@@ -110,13 +110,14 @@ class VoterService(Service):
     async def _vote(self, core: VoterCore, msgs: list[TextSubmitted]) -> list[Vote]:
         texts = [m.text for m in msgs]
         start = time.perf_counter()
-        if len(texts) * self._ms_per_text.get(core, math.inf) <= INLINE_MS:
+        known = self._cost[1] if self._cost and self._cost[0] is core else math.inf
+        if len(texts) * known <= INLINE_MS:
             opinions = core.predict(texts)
         else:  # a long call in a worker thread: the event loop keeps reading, publishing, heartbeating
             opinions = await asyncio.to_thread(core.predict, texts)
         per_text_ms = (time.perf_counter() - start) * 1000 / len(msgs)
-        known = self._ms_per_text.get(core, per_text_ms)
-        self._ms_per_text = {core: known + 0.2 * (per_text_ms - known)}  # smoothed; forgets a replaced core
+        known = per_text_ms if math.isinf(known) else known
+        self._cost = (core, known + 0.2 * (per_text_ms - known))  # smoothed, for this core (a reload starts over)
         votes = [
             to_vote(msg, voter, core.version, opinion, per_text_ms)
             for voter, column in opinions.items()

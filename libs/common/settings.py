@@ -28,7 +28,13 @@ class CommonSettings(BaseSettings):
     instance_id: str = Field(default_factory=default_instance_id, description="Unique per instance.")
     model_dir: Path = Field(Path("models/sms/current"), description="The model bundle the services load.")
     batch_max: int = Field(256, ge=1, le=10_000, description="Most messages a handler takes at once.")
-    batch_wait_ms: int = Field(3, ge=0, le=1_000, description="Longest a batch waits to fill.")
+    batch_wait_ms: int = Field(
+        5,
+        ge=0,
+        le=1_000,
+        description="Under load (more than one text per this many ms), how long a consumer waits after a batch "
+        "for the next to fill; at low load it does not wait. 0: never.",
+    )
     dedupe_window: int = Field(100_000, ge=0, description="Message ids remembered to drop redeliveries.")
     kafka_session_timeout_ms: int = Field(
         6_000,

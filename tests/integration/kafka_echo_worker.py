@@ -48,8 +48,8 @@ async def main(url: str, group: str, die_prefix: str | None) -> None:
 
     dispatch = bus.dispatch
 
-    async def dispatch_then_die(route: Route[Any], items: Sequence[Any], headers: Any = None) -> None:
-        await dispatch(route, items, headers)  # the handler ran and its votes were published (broker acknowledged)
+    async def dispatch_then_die(route: Route[Any], items: Sequence[Any], headers: Any = None, ack: Any = None) -> None:
+        await dispatch(route, items, headers, ack)  # the handler ran and its votes were published (broker acknowledged)
         if seen_prefix:
             os._exit(DIED)  # ... and the process dies before FastStream commits the batch's offsets
 

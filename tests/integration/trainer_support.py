@@ -143,6 +143,9 @@ async def running_stack(
             bus_url=bus_url,
             arbiter_deadline_ms=5000,
             batch_wait_ms=1,
+            # the scenario posts 40 texts at once to a stack that shares 2 cores with the trainer's jobs: it tests
+            # retraining, not admission control (tests/e2e/test_admission.py does), so no text is shed for waiting
+            gateway_shed_after_ms=0,
         )
         bus, services = build(["classical_voter", "arbiter"], settings)
         feedback = FeedbackService(bus, settings_for(feedback_schema, model_dir=root / "current"))
