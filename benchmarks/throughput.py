@@ -186,7 +186,7 @@ async def low_load(port: int, texts: list[str], n: int) -> dict[str, Any]:
 
 
 async def closed(port: int, texts: list[str], log: DecisionLog, batch: int, clients: int, seconds: float) -> dict:
-    prefix = f"closed{batch}"
+    prefix = f"closed{batch}x{clients}"  # unique per phase: the gateway answers a text id it decided before from memory
     if batch > 1:
         make, path = batch_body(texts, prefix, batch), "/predict/batch"
     else:

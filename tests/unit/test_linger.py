@@ -41,3 +41,9 @@ def test_votes_on_the_same_text_do_not_look_like_load() -> None:
 def test_no_wait_when_waiting_is_off() -> None:
     linger = Linger(0.0)
     assert feed(linger, [[f"t{i}" for i in range(100)] for _ in range(5)], every_s=0.001) == [0.0] * 5
+
+
+def test_a_large_batch_does_not_wait() -> None:
+    linger = Linger(0.005)
+    feed(linger, [[f"t{i}", f"u{i}"] for i in range(50)], every_s=0.004)
+    assert feed(linger, [[f"big{j}" for j in range(Linger.ENOUGH)]], every_s=0.004) == [0.0]
