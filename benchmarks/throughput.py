@@ -24,9 +24,11 @@ import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Set
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import psutil
 import redis
@@ -118,6 +120,29 @@ class DecisionLog:
             last: Any = self.redis.xrevrange(topics.DECISION_MADE, count=1)
             self.mark = last[0][0].decode() if last else "0"
 
+    def hops(self, prefix: str) -> dict[str, dict[str, float]]:
+        """Where a text's time goes, from the messages' own timestamps (one clock: one machine): when each
+        voter's vote and the decision were created, in ms after the gateway created the text; p50 and p90."""
+        assert self.redis is not None
+        submitted = {
+            doc["text_id"]: datetime.fromisoformat(doc["timestamp"]).timestamp()
+            for _, fields in self.redis.xrange(topics.TEXT_SUBMITTED)
+            if (doc := _json_of(fields[b"__data__"]))["text_id"].startswith(prefix)
+        }
+        after: dict[str, list[float]] = {}
+        for _, fields in self.redis.xrange(topics.DECISION_MADE):
+            doc = _json_of(fields[b"__data__"])
+            start = submitted.get(doc["text_id"])
+            if start is None:
+                continue
+            for vote in doc["votes"]:
+                after.setdefault(f"vote {vote['voter']}", []).append(_ms_after(vote["timestamp"], start))
+            after.setdefault("decision", []).append(_ms_after(doc["timestamp"], start))
+        return {
+            name: {"p50": round(float(np.percentile(ms, 50)), 2), "p90": round(float(np.percentile(ms, 90)), 2)}
+            for name, ms in sorted(after.items())
+        }
+
     def counts(self, prefix: str) -> Counter[str]:
         assert self.redis is not None
         out: Counter[str] = Counter()
@@ -132,6 +157,16 @@ class DecisionLog:
                 if found and found[1].decode().startswith(prefix):
                     out[found[1].decode()] += 1
             start = f"({chunk[-1][0].decode()}"
+
+
+def _json_of(entry: bytes) -> dict[str, Any]:
+    """The JSON body of a stream entry in FastStream's binary envelope (the body is its last part)."""
+    doc: dict[str, Any] = orjson.loads(entry[entry.index(b'{"schema_version"') :])
+    return doc
+
+
+def _ms_after(stamp: str, start: float) -> float:
+    return (datetime.fromisoformat(stamp).timestamp() - start) * 1000
 
 
 def decisions_of(outcome: Outcome, batch: bool) -> list[dict[str, Any]]:
@@ -255,6 +290,7 @@ async def pipeline(
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     out["low_load"] = await phase("low_load", pids, log, lambda: low_load(port, texts, args.n))
+    out["low_load"]["hops_ms"] = log.hops("low-")
     # clients × batch = texts in flight: too few leave the pipeline idle between requests, too many queue
     # behind the admission limit (refused with 503, then sent again); the best of a few is the throughput
     out["closed_loop_batch_sweep"] = [
