@@ -131,8 +131,9 @@ class TrainerService(Service):
         if champion is not None:
             await self.store.update(run["run_id"], champion_version=champion.name)
         log.info("trainer: queued %s run %s (%s: %s)", kind, run["run_id"], trigger, reason)
+        queued = await self.run(run["run_id"])  # read before waking the worker: the answer says "queued"
         self._wake.set()
-        return await self.run(run["run_id"])
+        return queued
 
     async def run(self, run_id: str) -> dict[str, Any]:
         """A run's record."""
