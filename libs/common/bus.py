@@ -141,7 +141,9 @@ def _as_text(raw: Any) -> tuple[str, int]:
 class Bus(ABC):
     """Publish events; run batch handlers for routes. Concrete buses differ only in transport."""
 
-    lingers = True  # under load, wait after a batch for the next to fill (`Linger`): a broker's reads cost
+    # under load, wait after a small batch for the next to fill (`Linger`): on a broker every batch costs reads,
+    # a publish and an acknowledgement, round trips that a larger batch shares
+    lingers = True
 
     def __init__(self, settings: CommonSettings) -> None:
         self.settings = settings

@@ -102,6 +102,11 @@ async def _forget_idle_consumers(redis: Any, stream: str, group: str) -> None:
 Item = tuple[str, bytes, str, Mapping[str, str] | None]  # topic, payload, key, headers
 
 
+def _with_content_type(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """A message's headers on the wire: its own (trace context), and the JSON content type."""
+    return {**JSON, **headers} if headers else JSON
+
+
 class RedisSender:
     """Publishing to Redis Streams, coalesced: what every task of one event-loop turn publishes (a gateway's
     concurrent requests, a voter's batch) and the acknowledgements of the batches those outputs came from
@@ -148,7 +153,7 @@ class RedisSender:
                     await BinaryMessageFormatV1.encode(
                         message=payload,
                         reply_to=None,
-                        headers={**JSON, **headers} if headers else JSON,
+                        headers=_with_content_type(headers),
                         correlation_id=str(uuid.uuid4()),
                     ),
                 )
@@ -284,7 +289,7 @@ class FastStreamBus(Bus):
             await self._redis_sender.send([(topic, payload, key, headers)])
             return
         async with self._publishing:
-            merged = {**JSON, **headers} if headers else JSON
+            merged = _with_content_type(headers)
             await self._retrying(lambda: self._publish(topic, payload, key, merged), topic)
 
     async def _retrying(self, send: Callable[[], Awaitable[None]], topic: str) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -110,14 +109,13 @@ class VoterService(Service):
     async def _vote(self, core: VoterCore, msgs: list[TextSubmitted]) -> list[Vote]:
         texts = [m.text for m in msgs]
         start = time.perf_counter()
-        known = self._cost[1] if self._cost and self._cost[0] is core else math.inf
-        if len(texts) * known <= INLINE_MS:
+        cost = self._cost[1] if self._cost and self._cost[0] is core else None  # unknown for a new core
+        if cost is not None and len(texts) * cost <= INLINE_MS:
             opinions = core.predict(texts)
-        else:  # a long call in a worker thread: the event loop keeps reading, publishing, heartbeating
+        else:  # a long (or not yet measured) call in a worker thread: the loop keeps reading and publishing
             opinions = await asyncio.to_thread(core.predict, texts)
         per_text_ms = (time.perf_counter() - start) * 1000 / len(msgs)
-        known = per_text_ms if math.isinf(known) else known
-        self._cost = (core, known + 0.2 * (per_text_ms - known))  # smoothed, for this core (a reload starts over)
+        self._cost = (core, per_text_ms if cost is None else cost + 0.2 * (per_text_ms - cost))  # smoothed
         votes = [
             to_vote(msg, voter, core.version, opinion, per_text_ms)
             for voter, column in opinions.items()

@@ -183,9 +183,11 @@ class ArbiterService(Service):
         return out
 
     async def _publish(self, events: list[Event]) -> None:
-        """Publish, and only then confirm the decided texts: a claim left unconfirmed is claimed again later."""
+        """Publish, and only then confirm the decided texts (with any the vote path left for this tick): a claim
+        left unconfirmed is claimed again later."""
         await self.bus.publish(events)
-        await self.store.confirm([e.text_id for e in events if isinstance(e, Decision)])
+        await self.published(events)
+        await self._confirm_published()
 
     async def _confirm_published(self) -> None:
         confirming, self._unconfirmed = self._unconfirmed, []

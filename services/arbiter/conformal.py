@@ -25,7 +25,6 @@ if TYPE_CHECKING:  # mapie is imported where calibrators are fitted or used, not
     from mapie.classification import SplitConformalClassifier
 
 Array = NDArray[np.float64]
-LAC_EPSILON = np.float64(1e-8)  # mapie._machine_precision.EPSILON, the tolerance of MAPIE's LAC set rule
 ALL = "*"
 REST = "_rest"
 Key = tuple[str, str]  # (slice group or ALL, class name or ALL)
@@ -143,29 +142,32 @@ class MondrianSets:
         return out
 
     def _sets(self, key: Key, p: Array) -> NDArray[np.bool_]:
-        quantile = self._lac_quantiles.get(key)
-        if quantile is not None:  # MAPIE's own rule for a prefit LAC score, without its per-call checks
-            return np.asarray(np.less_equal((1 - p)[:, :, None] - quantile, LAC_EPSILON)[:, :, 0], dtype=bool)
+        lac = self._lac_quantiles.get(key)
+        if lac is not None:  # MAPIE's own rule for a prefit LAC score, without its per-call checks
+            quantile, epsilon = lac
+            return np.asarray(np.less_equal((1 - p)[:, :, None] - quantile, epsilon)[:, :, 0], dtype=bool)
         _, sets = self.calibrators[key].predict_set(p)
         return np.asarray(sets[:, :, 0], dtype=bool)
 
     @cached_property
-    def _lac_quantiles(self) -> dict[Key, Array]:
+    def _lac_quantiles(self) -> dict[Key, tuple[Array, np.float64]]:
         """The fitted quantile of each prefit LAC calibrator. MAPIE's `predict_set` validates its input and the
         probabilities (sums, label encoding) on every call, which cost the arbiter more than its own decision
         work on small batches; for the LAC score its set is `(1 − p) − q̂ ≤ ε` (`LACConformityScore.
-        get_prediction_sets`, prefit), computed here with MAPIE's fitted q̂ and ε. Other scores go to MAPIE."""
+        get_prediction_sets`, prefit), computed here with MAPIE's fitted q̂ and its own ε. Other scores go to
+        MAPIE."""
+        from mapie._machine_precision import EPSILON  # the tolerance MAPIE's LAC rule uses
         from mapie.conformity_scores import LACConformityScore
 
         out = {}
         for key, clf in self.calibrators.items():
             inner = getattr(clf, "_mapie_classifier", None)
-            score = getattr(inner, "conformity_score_function_", None)
+            score: Any = getattr(inner, "conformity_score_function_", None)
             if type(score) is not LACConformityScore or getattr(inner, "cv", None) != "prefit":
                 continue
             if getattr(score, "quantiles_", None) is None:  # MAPIE computes q̂ in its first predict_set
                 clf.predict_set(np.full((1, len(self.classes)), 1 / len(self.classes)))
-            out[key] = np.asarray(score.quantiles_, dtype=np.float64)
+            out[key] = (np.asarray(score.quantiles_, dtype=np.float64), EPSILON)
         return out
 
     @property
