@@ -9,7 +9,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from flockwatch.common import topics
-from flockwatch.common.bus import Bus, BusUnavailable, create_bus
+from flockwatch.common.bus import Ack, Bus, BusUnavailable, create_bus
 from flockwatch.common.bus_faststream import FastStreamBus
 from flockwatch.common.events import Event, TextSubmitted, Vote
 from flockwatch.common.settings import CommonSettings
@@ -30,9 +30,9 @@ def count_transactions(bus: Bus) -> list[int]:
     sender, sizes = bus._redis_sender, []
     send = sender._transaction
 
-    async def counted(entries: list[Any], acks: list[Any]) -> None:
-        sizes.append(len(entries))
-        await send(entries, acks)
+    async def counted(args: list[bytes]) -> None:
+        sizes.append(int(args[1]))  # the script's entry count
+        await send(args)
 
     sender._transaction = counted  # type: ignore[method-assign]
     return sizes
@@ -77,10 +77,10 @@ async def test_a_batch_is_acknowledged_only_with_its_published_outputs() -> None
     sender = bus._redis_sender
     send, failing = sender._transaction, [True]
 
-    async def flaky(entries: list[Any], acks: list[Any]) -> None:
-        if failing[0] and entries and any(b"vote" in data for _, data in entries):
+    async def flaky(args: list[bytes]) -> None:
+        if failing[0] and any(b'"voter"' in arg for arg in args):
             raise ConnectionError("broker unreachable")
-        await send(entries, acks)
+        await send(args)
 
     sender._transaction = flaky  # type: ignore[method-assign]
     given_up: list[int] = []  # sizes of the batches whose publishing failed for good (BusUnavailable)
@@ -105,4 +105,27 @@ async def test_a_batch_is_acknowledged_only_with_its_published_outputs() -> None
         pending = await client.xpending(topics.TEXT_SUBMITTED, "voter")
     assert {v.text_id for v in votes} == {t.text_id for t in texts(run, 5)}
     assert pending["pending"] == 0 and sum(handled) >= 10  # handled again after the failure, then acknowledged
+    await client.aclose()
+
+
+async def test_one_script_call_acknowledges_thousands_of_entries() -> None:
+    """Acknowledgements go out in chunks (Lua's unpack has a stack limit): 2,500 ids in one call all clear."""
+    client = aioredis.from_url(URL)
+    await client.flushdb()
+    run = uuid.uuid4().hex[:8]
+    stream = f"acks.{run}"
+    await client.xgroup_create(stream, "g", id="0", mkstream=True)
+    for start in range(0, 2500, 500):
+        async with client.pipeline(transaction=False) as pipe:
+            for i in range(start, start + 500):
+                pipe.xadd(stream, {"i": i})
+            await pipe.execute()
+    read = await client.xreadgroup("g", "c", {stream: ">"}, count=5000)
+    ids = [entry_id for entry_id, _ in read[0][1]]
+    assert len(ids) == 2500 and (await client.xpending(stream, "g"))["pending"] == 2500
+    bus = create_bus(CommonSettings(bus_url=URL, instance_id=run))
+    async with bus:
+        await bus.publish(texts(run, 2), ack=Ack(stream, "g", ids))
+    assert (await client.xpending(stream, "g"))["pending"] == 0
+    assert await client.xlen(topics.TEXT_SUBMITTED) == 2
     await client.aclose()
