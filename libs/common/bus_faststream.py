@@ -122,12 +122,25 @@ class RedisSender:
         self._items: list[Item] = []
         self._acks: list[Ack] = []
         self._waiters: list[asyncio.Future[None]] = []
+        self._late: list[Ack] = []  # acknowledgements that published nothing, sent with the next transaction
+        self._late_timer: asyncio.TimerHandle | None = None
         self._ids = envelope.CorrelationIds()
         self._script: Any = None
 
     async def send(self, items: Sequence[Item], ack: Ack | None = None) -> None:
-        """Publish `items` (then acknowledge `ack`); returns once done, or raises what the transaction raised."""
+        """Publish `items` (then acknowledge `ack`); returns once done, or raises what the transaction raised.
+
+        An acknowledgement without items (a batch whose handling published nothing: the arbiter's texts, votes
+        that complete no text) does not wait: it goes out with the next transaction, or `ACK_DELAY_S` later.
+        Sent late it costs no round trip of its own; lost (a crash first, Redis down) its entries are
+        delivered again after `redis_claim_idle_ms`, and handlers are idempotent."""
         loop = asyncio.get_running_loop()
+        if not items:
+            if ack is not None:
+                self._late.append(ack)
+                if self._late_timer is None and not self._waiters:
+                    self._late_timer = loop.call_later(ACK_DELAY_S, self._flush)
+            return
         if not self._waiters:
             loop.call_soon(self._flush)
         self._items += items
@@ -139,11 +152,21 @@ class RedisSender:
         await asyncio.shield(waiter)
 
     def _flush(self) -> None:
-        items, acks, waiters = self._items, self._acks, self._waiters
-        self._items, self._acks, self._waiters = [], [], []
-        task = asyncio.get_running_loop().create_task(self._send(items, acks, waiters))
-        _SENDING.add(task)
-        task.add_done_callback(_SENDING.discard)
+        if self._late_timer is not None:
+            self._late_timer.cancel()
+            self._late_timer = None
+        items, acks, waiters = self._items, self._late + self._acks, self._waiters
+        self._items, self._acks, self._waiters, self._late = [], [], [], []
+        if items or acks:
+            task = asyncio.get_running_loop().create_task(self._send(items, acks, waiters))
+            _SENDING.add(task)
+            task.add_done_callback(_SENDING.discard)
+
+    async def drain(self) -> None:
+        """Send what waits (late acknowledgements) and wait for every transaction in flight."""
+        self._flush()
+        while _SENDING:
+            await asyncio.gather(*_SENDING, return_exceptions=True)
 
     async def _send(self, items: list[Item], acks: list[Ack], waiters: list[asyncio.Future[None]]) -> None:
         try:
@@ -154,6 +177,8 @@ class RedisSender:
                 waiter.cancel()
             raise
         except Exception as exc:  # noqa: BLE001 - every waiter learns what happened to its messages
+            if not waiters:  # late acknowledgements only: their entries will be delivered again
+                log.warning("acknowledging %d batch(es) failed (%s); they will be redelivered", len(acks), exc)
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_exception(exc)
@@ -201,6 +226,7 @@ _MAXLEN = str(STREAM_MAXLEN).encode()
 _ACK_CHUNK = 1_000  # ids per XACK: Lua's unpack has a stack limit
 
 
+ACK_DELAY_S = 0.05  # the longest an acknowledgement without outputs waits for a transaction to ride with
 _SENDING: set[asyncio.Task[None]] = set()  # flushes in progress (a task needs a reference until it ends)
 
 
@@ -385,5 +411,7 @@ class FastStreamBus(Bus):
 
     async def stop(self) -> None:
         if self._started:
+            if self._redis_sender is not None:
+                await self._redis_sender.drain()
             await self.broker.stop()
             self._started = False

@@ -30,6 +30,7 @@ from flockwatch.common.slices import SliceConfig
 log = logging.getLogger(__name__)
 ARTIFACT = "arbiter.json"
 CALIBRATORS = "conformal.joblib"
+IDLE_TICK_S = 0.1  # the longest the deadline loop sleeps (decided texts wait this long at most to be confirmed)
 
 
 def load_policy(model_dir: Path) -> ArbiterPolicy:
@@ -197,15 +198,30 @@ class ArbiterService(Service):
             self._unconfirmed = confirming + self._unconfirmed  # the next tick tries again
             raise
 
+    def _pause_s(self, cutoff: float) -> float:
+        """How long the deadline loop sleeps: until the earliest deadline the store knows of, at least a tick,
+        at most `IDLE_TICK_S` and half the shortest deadline a text may get meanwhile (at low load it asked Redis
+        a hundred times a second for nothing, and that CPU is on the critical path of a two-core box)."""
+        tick_s = self.settings.arbiter_tick_ms / 1000
+        shortest = self.deadline_s
+        if self.policy is not None:
+            shortest = min(shortest, self.policy.config.cascade.deadline_ms / 1000)
+        longest = max(tick_s, min(IDLE_TICK_S, shortest / 2))
+        known = self.store.next_deadline
+        return longest if known is None else min(longest, max(tick_s, known - cutoff))
+
     async def _tick(self) -> None:
         failures = 0  # in a row: while Redis is down the loop backs off (to 2 s) and logs the traceback once
+        pause = 0.0
         while True:
             tick_s = self.settings.arbiter_tick_ms / 1000
-            await asyncio.sleep(min(2.0, tick_s * 2**failures) if failures else tick_s)
+            await asyncio.sleep(min(2.0, tick_s * 2**failures) if failures else pause)
             try:
                 await self._confirm_published()
                 voters = self.policy.first_stage_voters if self.policy else []
-                ready = await self.store.pop_expired(time.time() - self.voters.extra_wait_s(voters))
+                cutoff = time.time() - self.voters.extra_wait_s(voters)
+                ready = await self.store.pop_expired(cutoff)
+                pause = tick_s if ready else self._pause_s(cutoff)
                 if ready:
                     await self._publish(await self._decide(ready))
             except Exception as exc:  # noqa: BLE001 - the deadline loop must survive a broker hiccup

@@ -55,6 +55,10 @@ class Submitted(NamedTuple):
 class JoinStore(ABC):
     """Collects votes per text and hands each text out for decision exactly once."""
 
+    # the earliest deadline (epoch seconds) left after the last `pop_expired`, None when none was: the
+    # deadline loop sleeps until then instead of asking on every tick
+    next_deadline: float | None = None
+
     @abstractmethod
     async def add_texts(self, items: Sequence[tuple[Any, ...]], deadline_s: float) -> None:
         """Note submitted texts (`Submitted` fields: id, submission time, text, metadata); start their deadlines.
@@ -164,6 +168,7 @@ class MemoryJoinStore(JoinStore):
             entry = self._entries.get(text_id)
             if entry is not None and deadline == entry.deadline:
                 ready.append(self._claim(text_id, now))
+        self.next_deadline = self._deadlines[0][0] if self._deadlines else None  # maybe stale: never later
         return ready
 
     async def confirm(self, text_ids: Sequence[str]) -> None:
@@ -258,7 +263,8 @@ for _, id in ipairs(ids) do
     redis.call('ZREM', p .. 'deadlines', id)  -- confirmed
   end
 end
-return out
+local first = redis.call('ZRANGE', p .. 'deadlines', 0, 0, 'WITHSCORES')
+return {out, first[2] or false}
 """
 )
 
@@ -351,7 +357,9 @@ class RedisJoinStore(JoinStore):
         return self._ready(await self._add(args=args), sent)
 
     async def pop_expired(self, now: float, limit: int = 1000) -> list[Ready]:
-        return self._ready(await self._pop(args=[self.prefix, int(now * 1000), limit, JOIN_TTL_S, self._lease_ms]))
+        flat, first = await self._pop(args=[self.prefix, int(now * 1000), limit, JOIN_TTL_S, self._lease_ms])
+        self.next_deadline = float(first) / 1000 if first is not None else None
+        return self._ready(flat)
 
     async def confirm(self, text_ids: Sequence[str]) -> None:
         if text_ids:

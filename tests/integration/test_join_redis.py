@@ -179,3 +179,25 @@ async def test_reopen_after_a_claim_clears_the_lease_and_keeps_votes_that_came_d
     assert final.escalated and sorted(v.voter for v in final.votes) == ["llm", "x", "y"]
     await b.confirm(["e"])
     assert await a.pop_expired(time.time() + 3600) == []
+
+
+@pytest.mark.parametrize("kind", ["redis", "memory"])
+async def test_pop_expired_tells_the_earliest_deadline_left(kind: str) -> None:
+    """The deadline loop sleeps until the earliest deadline the store knows of (None: no text waits)."""
+    prefix = f"fw:test:{uuid.uuid4().hex[:8]}:"
+    store: JoinStore = RedisJoinStore(URL, prefix) if kind == "redis" else MemoryJoinStore()
+    now = time.time()
+    assert await store.pop_expired(now) == [] and store.next_deadline is None
+    await store.add_texts([("soon", now)], 1.0)
+    await store.add_texts([("later", now)], 5.0)
+    assert await store.pop_expired(now) == []
+    assert store.next_deadline == pytest.approx(now + 1.0, abs=0.05)
+    [ready] = await store.pop_expired(now + 2)
+    assert ready.text_id == "soon"
+    await store.confirm(["soon"])
+    assert store.next_deadline == pytest.approx(now + 5.0, abs=0.05)
+    assert [r.text_id for r in await store.pop_expired(now + 6)] == ["later"]
+    await store.confirm(["later"])
+    await store.pop_expired(now + 3600)
+    assert store.next_deadline is None
+    await store.close()

@@ -7,8 +7,9 @@ import asyncio
 import uuid
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
-from flockwatch.common import topics
+from flockwatch.common import bus_faststream, topics
 from flockwatch.common.bus import Ack, Bus, BusUnavailable, create_bus
 from flockwatch.common.bus_faststream import FastStreamBus
 from flockwatch.common.events import Event, TextSubmitted, Vote
@@ -128,4 +129,32 @@ async def test_one_script_call_acknowledges_thousands_of_entries() -> None:
         await bus.publish(texts(run, 2), ack=Ack(stream, "g", ids))
     assert (await client.xpending(stream, "g"))["pending"] == 0
     assert await client.xlen(topics.TEXT_SUBMITTED) == 2
+    await client.aclose()
+
+
+async def test_an_acknowledgement_without_outputs_rides_with_the_next_transaction_or_goes_soon(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(bus_faststream, "ACK_DELAY_S", 1.0)  # long enough that nothing goes before it is checked
+    client = aioredis.from_url(URL)
+    await client.flushdb()
+    run = uuid.uuid4().hex[:8]
+    stream = f"acks.{run}"
+    await client.xgroup_create(stream, "g", id="0", mkstream=True)
+    for i in range(4):
+        await client.xadd(stream, {"i": i})
+    read = await client.xreadgroup("g", "c", {stream: ">"}, count=10)
+    ids = [entry_id for entry_id, _ in read[0][1]]
+    bus = create_bus(CommonSettings(bus_url=URL, instance_id=run))
+    sizes = count_transactions(bus)
+    async with bus:
+        await bus.publish([], ack=Ack(stream, "g", ids[:2]))  # returns at once, nothing sent yet
+        assert sizes == [] and (await client.xpending(stream, "g"))["pending"] == 4
+        await bus.publish(texts(run, 1))  # the acknowledgement goes with it: one call
+        assert sizes == [1] and (await client.xpending(stream, "g"))["pending"] == 2
+        await bus.publish([], ack=Ack(stream, "g", ids[2:]))
+        await until(lambda: len(sizes) == 2)  # alone, once ACK_DELAY_S has passed
+        assert (await client.xpending(stream, "g"))["pending"] == 0
+        await bus.publish([], ack=Ack(stream, "g", ids[:1]))  # pending at stop: sent before the bus closes
+    assert sizes == [1, 0, 0]
     await client.aclose()
