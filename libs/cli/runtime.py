@@ -62,13 +62,17 @@ KNOWN = [*ALL, *ON_DEMAND]
 
 
 def build(names: list[str], settings: CommonSettings) -> tuple[Bus, list[Service]]:
-    """One bus and the named (non-gateway) services registered on it."""
+    """One bus and the named (non-gateway) services registered on it; on a broker, several share their
+    subscriptions (`Bus.cohost`). The embedded default (memory bus) keeps one route per service."""
     unknown = sorted(set(names) - set(KNOWN))
     if unknown:
         raise ValueError(f"unknown service(s) {unknown}; choose from {KNOWN}")
     bus = create_bus(settings)
     factories = {**SERVICES, **ON_DEMAND}
-    return bus, [factories[name](bus, settings) for name in names if name != "gateway"]
+    services = [factories[name](bus, settings) for name in names if name != "gateway"]
+    if len(services) > 1 and settings.bus_scheme != "memory":
+        bus.cohost()  # services named together on a broker read each topic once (see `Bus.cohost`)
+    return bus, services
 
 
 async def run_workers(bus: Bus, services: list[Service]) -> None:

@@ -40,7 +40,8 @@ def encode(body: bytes, correlation_id: str, headers: Mapping[str, str]) -> byte
     merged = {"correlation_id": correlation_id}
     merged.update(headers)
     fields = b"".join([_field(k) + _field(v) for k, v in merged.items()])
-    return b"".join((_PREFIX, _OFFSETS.pack(_HEADERS_START, _HEADERS_START + 2 + len(fields), len(merged)), fields, body))
+    offsets = _OFFSETS.pack(_HEADERS_START, _HEADERS_START + 2 + len(fields), len(merged))
+    return b"".join((_PREFIX, offsets, fields, body))
 
 
 def parse(data: bytes) -> tuple[bytes, dict[str, str]]:
