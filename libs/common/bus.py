@@ -296,11 +296,11 @@ class Bus(ABC):
             events.append(event)
             if tracing.ENABLED:
                 carriers.append(headers[i] if headers else None)
-        if tracing.ENABLED and events:
+        if tracing.ENABLED and events and not route.parts:
             with tracing.consuming(route.topic, group, self.settings.bus_scheme, events, carriers):
                 await self._handle(route, events, dead, ack)
-        else:
-            await self._handle(route, events, dead, ack)
+        else:  # co-hosted parts each trace their own handling (`_run_parts`)
+            await self._handle(route, events, dead, ack, carriers)
         for event in events:
             seen.add(event.message_id)
         if self.lingers:
@@ -309,32 +309,60 @@ class Bus(ABC):
             if pause:
                 await asyncio.sleep(pause)
 
-    async def _handle(self, route: Route[E], events: list[E], dead: list[DeadLetter], ack: Ack | None) -> None:
+    async def _handle(
+        self,
+        route: Route[E],
+        events: list[E],
+        dead: list[DeadLetter],
+        ack: Ack | None,
+        carriers: Sequence[Mapping[str, Any] | None] = (),
+    ) -> None:
         """Run the handler on the valid events, publish its outputs and the dead letters."""
         group = route.group
         outputs: list[Event] = []
+        made_by: dict[int, Any] = {}
         if events:
             telemetry.BATCH_SIZE.labels(group).observe(len(events))
             start = time.perf_counter()
-            outputs, failed = await (self._run_parts(route, events) if route.parts else self._run(route, events))
+            if route.parts:
+                outputs, failed, made_by = await self._run_parts(route, events, carriers)
+            else:
+                outputs, failed = await self._run(route, events)
             telemetry.HANDLER_SECONDS.labels(group).observe(time.perf_counter() - start)
             dead += failed
-        await self.publish([*outputs, *dead], ack=ack)
+        if made_by:
+            with tracing.made_by(made_by):
+                await self.publish([*outputs, *dead], ack=ack)
+        else:
+            await self.publish([*outputs, *dead], ack=ack)
         if outputs and route.published is not None:
             await route.published(outputs)
 
-    async def _run_parts(self, route: Route[E], events: list[E]) -> tuple[list[Event], list[DeadLetter]]:
-        """A co-hosted route: each part's handler on the batch, isolated as if it ran alone."""
-        results = await asyncio.gather(*(self._run(part, events) for part in route.parts), return_exceptions=True)
+    async def _run_parts(
+        self, route: Route[E], events: list[E], carriers: Sequence[Mapping[str, Any] | None]
+    ) -> tuple[list[Event], list[DeadLetter], dict[int, Any]]:
+        """A co-hosted route: each part's handler on the batch, isolated (and traced) as if it ran alone; the
+        outputs, the dead letters, and with tracing on the span each output continues."""
+
+        async def part(p: Route[E]) -> tuple[list[Event], list[DeadLetter], dict[int, Any]]:
+            if not tracing.ENABLED:
+                return (*await self._run(p, events), {})
+            with tracing.consuming(route.topic, p.group, self.settings.bus_scheme, events, carriers):
+                outputs, dead = await self._run(p, events)
+                return outputs, dead, tracing.parents_of([*outputs, *dead])
+
+        results = await asyncio.gather(*(part(p) for p in route.parts), return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:  # given back (TRANSIENT, after its pause) or cancelled: the whole batch is handled again
             raise failed[0]
         outputs: list[Event] = []
         dead: list[DeadLetter] = []
-        for part_outputs, part_dead in results:  # type: ignore[misc]
+        made_by: dict[int, Any] = {}
+        for part_outputs, part_dead, part_made_by in results:  # type: ignore[misc]
             outputs += part_outputs
             dead += part_dead
-        return outputs, dead
+            made_by |= part_made_by
+        return outputs, dead, made_by
 
     async def _run(self, route: Route[E], events: list[E]) -> tuple[list[Event], list[DeadLetter]]:
         try:

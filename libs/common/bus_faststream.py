@@ -148,8 +148,7 @@ class RedisSender:
             self._acks.append(ack)
         waiter = loop.create_future()
         self._waiters.append(waiter)
-        # shielded: a caller cancelled meanwhile does not cancel what the others wait for
-        await asyncio.shield(waiter)
+        await waiter  # each caller its own: one cancelled meanwhile cancels nobody else's
 
     def _flush(self) -> None:
         if self._late_timer is not None:

@@ -31,6 +31,9 @@ class HttpTelemetry:
     def __init__(self, app: ASGIApp, name: str) -> None:
         self.app = app
         self.name = name
+        # each series' children, looked up once: `labels()` takes a lock and builds its key on every call (a
+        # twentieth of the gateway's CPU per request); route templates, methods and statuses are few
+        self._series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -56,8 +59,15 @@ class HttpTelemetry:
                 otel_context.detach(token)
             route = scope.get("route")  # set by the router once a route matched
             path = getattr(route, "path", None) or "unmatched"
-            telemetry.HTTP_REQUESTS.labels(self.name, scope["method"], path, str(status)).inc()
-            telemetry.HTTP_SECONDS.labels(self.name, path).observe(time.perf_counter() - start)
+            key = (scope["method"], path, status)
+            series = self._series.get(key)
+            if series is None:
+                series = self._series[key] = (
+                    telemetry.HTTP_REQUESTS.labels(self.name, scope["method"], path, str(status)),
+                    telemetry.HTTP_SECONDS.labels(self.name, path),
+                )
+            series[0].inc()
+            series[1].observe(time.perf_counter() - start)
 
 
 def metrics_response() -> Response:

@@ -138,9 +138,34 @@ def _child(name: str, parent: Context, kind: SpanKind, links: Sequence[Link] = (
 
 
 def _parent_of(event: Event, current: dict[str, Context] | None) -> Context:
-    """The handler's span for this text, else the newest span for it here, else the active span (or none)."""
+    """The span of the handler that made this event (`parents_of`), else the handler's span for its text, else
+    the newest span for it here, else the active span (or none)."""
+    made_by = _MADE_BY.get()
+    if made_by and (ctx := made_by.get(id(event))) is not None:
+        return ctx
     key = event.key
     return (current.get(key) if current else None) or _RECENT.get(key) or otel_context.get_current()
+
+
+# event id → the context of the handler span that made it: co-hosted services (`Bus.cohost`) handle one batch in
+# their own spans and publish together, each output still the child of its own service's span
+_MADE_BY: contextvars.ContextVar[dict[int, Context] | None] = contextvars.ContextVar("flockwatch_made_by", default=None)
+
+
+def parents_of(events: Sequence[Event]) -> dict[int, Context]:
+    """Inside a handler's `consuming` span: the context each of its outputs continues (see `made_by`)."""
+    current = _CURRENT.get()
+    return {id(event): _parent_of(event, current) for event in events}
+
+
+@contextmanager
+def made_by(parents: dict[int, Context]) -> Iterator[None]:
+    """Publish events made by handlers that ran in other spans (`parents_of` from each)."""
+    token = _MADE_BY.set(parents)
+    try:
+        yield
+    finally:
+        _MADE_BY.reset(token)
 
 
 @contextmanager

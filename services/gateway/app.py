@@ -132,9 +132,7 @@ class Gateway:
                 for msg in new:
                     self.book.forget_waiter(msg.text_id)
                 raise
-            await asyncio.wait(
-                [asyncio.shield(f) for f in futures.values()], timeout=self.settings.gateway_predict_timeout_ms / 1000
-            )
+            await asyncio.wait(futures.values(), timeout=self.settings.gateway_predict_timeout_ms / 1000)
         finally:
             telemetry.IN_FLIGHT.dec(len(futures))
         pending = [text_id for text_id, f in futures.items() if not f.done()]
