@@ -48,6 +48,7 @@ bench: models
 bench-throughput: models models-embedding
 	$(BIN)/python benchmarks/throughput.py --models models/sms/current --out benchmarks/results/throughput.json
 	$(BIN)/python benchmarks/throughput.py --models models/sms-embedding/current --cascade --rates 200 400 800 \
+		--topologies redis_cohosted \
 		--out benchmarks/results/throughput-cascade.json
 
 models/sms-embedding/current/manifest.json: | data
