@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import gc
 import itertools
 import json
 import os
@@ -423,6 +424,8 @@ def main() -> None:
     if args.max_in_flight:
         env["FLOCKWATCH_GATEWAY_MAX_IN_FLIGHT"] = str(args.max_in_flight)
     results: dict[str, Any] = {"in_process": summary(in_process(args.models, texts[: args.n]))}
+    gc.collect()
+    gc.freeze()  # the load generator's own full collections paused it for 100-150 ms (see flockwatch.common.heap)
     uvloop.install()
     for topology in args.topologies:
         cohosted = topology == "redis_cohosted"

@@ -14,7 +14,7 @@ from flockwatch.arbiter.settings import ArbiterSettings
 from flockwatch.classical_voter.app import ClassicalVoterService
 from flockwatch.classical_voter.embedding_app import EmbeddingVoterService
 from flockwatch.classical_voter.settings import EmbeddingSettings
-from flockwatch.common import telemetry, tracing
+from flockwatch.common import heap, telemetry, tracing
 from flockwatch.common.bus import Bus, create_bus
 from flockwatch.common.metrics_http import serve_metrics
 from flockwatch.common.service import Service
@@ -83,6 +83,7 @@ async def run_workers(bus: Bus, services: list[Service]) -> None:
         loop.add_signal_handler(sig, stop.set)
     for service in services:
         await service.start()
+    heap.settle()  # the models are loaded: out of the garbage collector's way
     metrics = serve_metrics(bus.settings)  # Prometheus's way in: these services have no HTTP API of their own
     try:
         async with bus:

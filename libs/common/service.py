@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal, cast
 
-from flockwatch.common import telemetry, topics
+from flockwatch.common import heap, telemetry, topics
 from flockwatch.common.artifacts import ArtifactError, check_announced
 from flockwatch.common.bus import Bus
 from flockwatch.common.events import ModelPublished, TextSubmitted, Vote, VoteRequested
@@ -141,4 +141,5 @@ class VoterService(Service):
                 log.error("%s: refused model %s from %s: %s", self.name, msg.version, msg.path, exc)
                 continue
             self._announce()
+            heap.settle()  # the old model collected, the new one frozen
         return []

@@ -13,7 +13,7 @@ from flockwatch.arbiter.join import JoinStore, MemoryJoinStore, Ready, RedisJoin
 from flockwatch.arbiter.liveness import VoterWatch
 from flockwatch.arbiter.model import ArbiterPolicy, DecideItem, Escalation
 from flockwatch.arbiter.settings import ArbiterSettings
-from flockwatch.common import telemetry, topics
+from flockwatch.common import heap, telemetry, topics
 from flockwatch.common.artifacts import (
     ArtifactError,
     check_announced,
@@ -135,6 +135,7 @@ class ArbiterService(Service):
                     continue
                 self.policy = policy
                 telemetry.set_model_version(self.name, policy.version)
+                heap.settle()  # the old policy collected, the new one frozen
         return []
 
     async def _decide(self, ready: list[Ready]) -> list[Event]:

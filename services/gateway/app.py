@@ -12,7 +12,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.telemetry import TelemetryConfig
-from flockwatch.common import telemetry, topics, tracing
+from flockwatch.common import heap, telemetry, topics, tracing
 from flockwatch.common.auth import harden, require
 from flockwatch.common.bus import Bus, BusUnavailable, create_bus
 from flockwatch.common.events import Decision, ModelPublished, TextSubmitted
@@ -177,6 +177,7 @@ def create_app(
             await stack.enter_async_context(gateway.cache)
             await stack.enter_async_context(bus)
             app.state.gateway = gateway
+            heap.settle()  # what start-up loaded (the embedded services' models): out of the collector's way
             yield
 
     # FastAPI's own OpenTelemetry instrumentation looks for configured providers on every request; the

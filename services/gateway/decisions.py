@@ -17,14 +17,17 @@ class DecisionBook:
     def __init__(self, keep: int, accepted_ttl_s: float) -> None:
         self.keep = keep
         self.accepted_ttl_s = accepted_ttl_s
-        self._decisions: OrderedDict[str, Decision] = OrderedDict()
+        # as JSON: a string is one object the garbage collector never visits, a Decision (votes, dicts, lists) is
+        # dozens, and a full collection over 100,000 kept decisions paused the gateway for up to a second
+        self._decisions: OrderedDict[str, str] = OrderedDict()
         # text id → its future and when the wait began (monotonic), in the order the waits began
         self._waiting: dict[str, tuple[asyncio.Future[Decision], float]] = {}
         self._accepted: OrderedDict[str, float] = OrderedDict()  # text id → when accepted (monotonic)
 
     def get(self, text_id: str) -> Decision | None:
         """A remembered decision."""
-        return self._decisions.get(text_id)
+        kept = self._decisions.get(text_id)
+        return Decision.model_validate_json(kept) if kept is not None else None
 
     def waiting_for(self, text_id: str) -> asyncio.Future[Decision] | None:
         """The future of a request already waiting for `text_id`, if any."""
@@ -53,7 +56,7 @@ class DecisionBook:
     def record(self, decisions: list[Decision]) -> None:
         """Store decisions and wake whoever waits for them."""
         for decision in decisions:
-            self._decisions[decision.text_id] = decision
+            self._decisions[decision.text_id] = decision.model_dump_json()
             self._decisions.move_to_end(decision.text_id)
             self._accepted.pop(decision.text_id, None)
             future, _ = self._waiting.pop(decision.text_id, (None, 0.0))
