@@ -107,8 +107,9 @@ def _with_content_type(headers: Mapping[str, str] | None) -> dict[str, str]:
 class RedisSender:
     """Publishing to Redis Streams, coalesced: what every task of one event-loop turn publishes (a gateway's
     concurrent requests, a voter's batch) and the acknowledgements of the batches those outputs came from
-    leave in one atomic script call (all or nothing, as MULTI/EXEC), one round trip, once that turn ends; no timer, so
-    no latency is added. An entry is acknowledged only with, never before, what its handling published.
+    leave in one atomic script call (all or nothing, as MULTI/EXEC), one round trip, once that turn ends:
+    outputs wait for no timer. An entry is acknowledged only with, never before, what its handling published
+    (and a batch that published nothing, a little later: see `send`).
 
     Each entry is FastStream's binary envelope (its subscribers read it as if FastStream had published it),
     written by `envelope` and added with XADD inside the script: FastStream's per-message publish path (command
