@@ -32,8 +32,8 @@ class CommonSettings(BaseSettings):
         5,
         ge=0,
         le=1_000,
-        description="Under load (more than one text per this many ms), how long a consumer waits after a batch "
-        "for the next to fill; at low load it does not wait. 0: never.",
+        description="Under load (at least two texts expected per this many ms), how long a consumer waits after a "
+        "batch for the next to fill; at low load it does not wait. 0: never.",
     )
     dedupe_window: int = Field(100_000, ge=0, description="Message ids remembered to drop redeliveries.")
     kafka_session_timeout_ms: int = Field(

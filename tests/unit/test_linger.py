@@ -47,3 +47,17 @@ def test_a_large_batch_does_not_wait() -> None:
     linger = Linger(0.005)
     feed(linger, [[f"t{i}", f"u{i}"] for i in range(50)], every_s=0.004)
     assert feed(linger, [[f"big{j}" for j in range(Linger.ENOUGH)]], every_s=0.004) == [0.0]
+
+
+def test_one_client_waiting_for_each_answer_never_makes_it_wait() -> None:
+    """A client that sends its next text when the last one is answered (~5 ms apart, ~200 texts/s): one text
+    per wait is all that could come, and it comes only after the answer, so waiting would only delay it. With
+    the old threshold (one text expected per wait) this regime lingered on and off and raised the p95."""
+    linger = Linger(0.005)
+    waits = feed(linger, [[f"t{i}"] for i in range(200)], every_s=0.0045)  # 222 texts/s
+    assert max(waits) == 0.0 and linger.rate * linger.max_wait_s > 1.0  # over one text expected, still no wait
+
+
+def test_it_waits_once_two_texts_are_expected() -> None:
+    linger = Linger(0.005)
+    assert feed(linger, [[f"t{i}"] for i in range(200)], every_s=0.002)[-1] == 0.005  # 500 texts/s
