@@ -12,6 +12,7 @@ from flockwatch.common.labels import LabelConfig
 from flockwatch.common.metrics import classification_report
 from flockwatch.common.service import VoterCore
 from flockwatch.common.voting import Opinion, opinions_matrix
+from flockwatch.ws_voter.fastpath import Posterior
 from flockwatch.ws_voter.lfs import LFSet
 from numpy.typing import NDArray
 
@@ -144,9 +145,14 @@ class WSModel(VoterCore):
         method = method or self.method_
         k = len(self.classes)
         if method == LABEL_MODEL and self.label_model_ is not None:
-            with self._lock, warnings.catch_warnings():
+            fast = self._posterior()
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # numpy divide warnings on rows no LF covers
-                p = np.asarray(self.label_model_.predict_proba(L), dtype=np.float64)
+                if fast is not None and fast.fits(self.label_model_, L):
+                    p = fast.predict_proba(L)
+                else:
+                    with self._lock:
+                        p = np.asarray(self.label_model_.predict_proba(L), dtype=np.float64)
         else:
             p = majority_proba(L, k, self.mv_accuracy_)
         bad = ~np.isfinite(p).all(axis=1)
@@ -155,6 +161,17 @@ class WSModel(VoterCore):
         p /= p.sum(axis=1, keepdims=True)
         p[(L != ABSTAIN).sum(axis=1) < self.lfs.min_lfs] = np.nan
         return p
+
+    def _posterior(self) -> Posterior | None:
+        """The label model's posterior without snorkel's per-call set-up (see `fastpath`), built once."""
+        lm = self.label_model_
+        fast = getattr(self, "_fast", None)
+        if lm is not None and (fast is None or fast.source is not lm):
+            try:
+                fast = self._fast = Posterior(lm)
+            except (AttributeError, ValueError):  # not a model this replays: snorkel answers
+                return None
+        return fast
 
     def predict_with(self, texts: Sequence[str], voter_outputs: Outputs | None) -> dict[str, list[Opinion]]:
         """One opinion per text, given the outputs of the voters that voter LFs read."""
@@ -196,6 +213,7 @@ class WSModel(VoterCore):
         state = dict(self.__dict__)
         state["sources_"] = []  # other voters' cores belong to their own artifacts
         del state["_lock"]
+        state.pop("_fast", None)  # rebuilt from the label model when first needed
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

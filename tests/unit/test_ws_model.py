@@ -187,3 +187,42 @@ def test_lf_report_prints_each_lf_and_the_comparison(tmp_path: Path) -> None:
     assert "kw-prize" in result.output and "emp. acc." in result.output and "(chosen)" in result.output
     missing = CliRunner().invoke(lf_app, args)
     assert missing.exit_code == 2 and "give --rules and/or --lfs" in missing.output
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_the_label_models_posterior_without_snorkels_set_up_is_bit_identical(k: int) -> None:
+    """`fastpath.Posterior` against snorkel's own `predict_proba`, on random label matrices (abstains, rows no
+    LF covers, one row, many rows), for a model fitted on them; and the ws model uses it."""
+    from flockwatch.ws_voter.fastpath import Posterior
+    from snorkel.labeling.model import LabelModel
+
+    rng = np.random.default_rng(k)
+    m = 7
+    truth = rng.integers(0, k, 600)
+    L_train = np.where(rng.random((600, m)) < 0.6, np.where(rng.random((600, m)) < 0.8, truth[:, None], -1), -1)
+    lm = LabelModel(cardinality=k, verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lm.fit(L_train, n_epochs=50, seed=1)
+        fast = Posterior(lm)
+        for n in (1, 2, 37, 600):
+            L = rng.integers(-1, k, (n, m))
+            L[0] = -1  # a row no LF covers
+            assert fast.fits(lm, L)
+            np.testing.assert_array_equal(fast.predict_proba(L), lm.predict_proba(L))
+    assert not fast.fits(lm, np.zeros((3, m + 1), dtype=np.int64))  # another width: snorkel answers
+    assert not fast.fits(LabelModel(cardinality=k, verbose=False), L_train)  # another model object
+
+
+def test_the_ws_model_scores_through_the_fast_posterior_and_pickles_without_it() -> None:
+    import pickle
+
+    texts, _ = toy_texts()
+    model = WSModel.fit(texts, LABELS, build_lfs(LABELS, RULES, SPEC.model_copy(update={"voters": []})))
+    assert model.label_model_ is not None  # no labels: the label model is chosen
+    L = model.label_matrix(texts, None)
+    p = model.proba(L, LABEL_MODEL)
+    assert model._fast is not None and model._fast.source is model.label_model_
+    again = pickle.loads(pickle.dumps(model))
+    assert not hasattr(again, "_fast")
+    np.testing.assert_array_equal(again.proba(L, LABEL_MODEL), p)
