@@ -27,7 +27,13 @@ class ArbiterSettings(CommonSettings):
         description="Deadlines wait up to this much longer while the voters are further behind the backlog than "
         "the arbiter (their median lag beyond its own); 0: never.",
     )
-    arbiter_tick_ms: int = Field(10, ge=1, le=10_000, description="How often expired joins are looked for.")
+    arbiter_tick_ms: int = Field(
+        10,
+        ge=1,
+        le=10_000,
+        description="How often expired joins are looked for while a deadline is near (otherwise the loop sleeps "
+        "until the earliest deadline, at most 100 ms).",
+    )
     arbiter_lease_ms: int = Field(
         30_000,
         ge=100,
