@@ -334,10 +334,7 @@ class Bus(ABC):
                 outputs, failed = await self._run(route, events)
             telemetry.HANDLER_SECONDS.labels(group).observe(time.perf_counter() - start)
             dead += failed
-        if made_by:
-            with tracing.made_by(made_by):
-                await self.publish([*outputs, *dead], ack=ack)
-        else:
+        with tracing.made_by(made_by):  # co-hosted parts: each output continues its own part's span
             await self.publish([*outputs, *dead], ack=ack)
         if outputs and route.published is not None:
             await route.published(outputs)

@@ -191,7 +191,7 @@ class RedisSender:
         """`_PUBLISH`'s arguments, all bytes (redis-py then packs each without its type checks)."""
         args = [_MAXLEN, str(len(items)).encode()]
         for topic, payload, _, headers in items:
-            args += (topic.encode(), envelope.encode(payload, self._ids.next(), headers or JSON))
+            args += (topic.encode(), envelope.encode(payload, self._ids.next(), _with_content_type(headers)))
         for ack in acks:
             ids = [i if isinstance(i, bytes) else i.encode() for i in ack.ids]
             for start in range(0, len(ids), _ACK_CHUNK):

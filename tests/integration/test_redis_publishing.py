@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
-from flockwatch.common import bus_faststream, topics
+from flockwatch.common import bus_faststream, envelope, topics
 from flockwatch.common.bus import Ack, Bus, BusUnavailable, create_bus
 from flockwatch.common.bus_faststream import FastStreamBus
 from flockwatch.common.events import Event, TextSubmitted, Vote
@@ -157,4 +157,19 @@ async def test_an_acknowledgement_without_outputs_rides_with_the_next_transactio
         assert (await client.xpending(stream, "g"))["pending"] == 0
         await bus.publish([], ack=Ack(stream, "g", ids[:1]))  # pending at stop: sent before the bus closes
     assert sizes == [1, 0, 0]
+    await client.aclose()
+
+
+async def test_every_entry_carries_the_json_content_type_beside_its_own_headers() -> None:
+    client = aioredis.from_url(URL)
+    await client.flushdb()
+    bus = create_bus(CommonSettings(bus_url=URL, instance_id=uuid.uuid4().hex[:8]))
+    trace = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+    async with bus:
+        await bus.publish_raw("headers.test", b"{}", "k", trace)
+        await bus.publish_raw("headers.test", b"{}", "k")
+    entries = await client.xrange("headers.test")
+    headers = [envelope.parse(fields[b"__data__"])[1] for _, fields in entries]
+    assert [h["content-type"] for h in headers] == ["application/json"] * 2
+    assert headers[0]["traceparent"] == trace["traceparent"] and "traceparent" not in headers[1]
     await client.aclose()
