@@ -1,7 +1,9 @@
 """The embedding voter's core: sentence embeddings (batched, cached by text hash) → a calibrated linear head.
 
 The encoder is any function from a batch of texts to an (n, d) array; `encoder.py` builds one from a local
-sentence-transformers folder. Only the head is fitted (and pickled): the encoder is fixed.
+sentence-transformers folder. Only the head is fitted (and pickled): the encoder is fixed. The fine-tuned
+option (`finetune.py`) plugs in here too: its "embedding" is the fine-tuned network's logits (cached the same
+way) and its head is a `TemperatureHead`.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any, Self
+from typing import Any, Protocol, Self
 
 import numpy as np
 from flockwatch.classical_voter.model import (
@@ -22,6 +24,7 @@ from flockwatch.classical_voter.model import (
 )
 from flockwatch.common.voting import Opinion
 from numpy.typing import NDArray
+from scipy.special import softmax
 from sklearn.base import BaseEstimator, clone
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.exceptions import NotFittedError
@@ -168,10 +171,33 @@ class EmbeddingHead(BaseEstimator):  # type: ignore[misc,unused-ignore]  # sklea
         return CalibratedClassifierCV(base, method=method, cv=folds)
 
 
+class ProbaHead(Protocol):
+    """What EmbeddingModel needs of a fitted head: its classes and probabilities from encoder outputs."""
+
+    classes_: list[str]
+
+    def predict_proba(self, x: NDArray[Any]) -> NDArray[np.float64]: ...
+
+
+class TemperatureHead:
+    """The fine-tuned encoder's head at serving time: softmax(logits / temperature) (the logits are cached)."""
+
+    def __init__(self, classes: Sequence[str], temperature: float) -> None:
+        self.classes_ = list(classes)
+        self.temperature = float(temperature)
+
+    def predict_proba(self, x: NDArray[Any]) -> NDArray[np.float64]:
+        """(n, k) probabilities in `classes_` order."""
+        if len(x) == 0:
+            return np.empty((0, len(self.classes_)))
+        probs: NDArray[np.float64] = softmax(np.asarray(x, dtype=np.float64) / self.temperature, axis=1)
+        return probs
+
+
 class EmbeddingModel:
     """Texts → embeddings (batched, cached) → the head's calibrated probabilities, voting as `voter`."""
 
-    def __init__(self, encoder: CachedEncoder, head: EmbeddingHead, voter: str = VOTER) -> None:
+    def __init__(self, encoder: CachedEncoder, head: ProbaHead, voter: str = VOTER) -> None:
         self.encoder = encoder
         self.head = head
         self.voter = voter
@@ -183,7 +209,7 @@ class EmbeddingModel:
 
     def fit(self, texts: Sequence[str], y: Sequence[str]) -> Self:
         """Fit the head on the texts' embeddings."""
-        self.head.fit(self.encoder.encode(texts), y)
+        self._frozen_head().fit(self.encoder.encode(texts), y)
         return self
 
     def predict_proba(self, texts: Sequence[str]) -> NDArray[np.float64]:
@@ -205,4 +231,9 @@ class EmbeddingModel:
         self, texts: Sequence[str], y: Sequence[str], n_splits: int = 5, seed: int = 0
     ) -> NDArray[np.float64]:
         """K-fold out-of-fold probabilities on `texts` (each text embedded once; only the head is refitted)."""
-        return self.head.oof_proba(self.encoder.encode(texts), y, n_splits=n_splits, seed=seed)
+        return self._frozen_head().oof_proba(self.encoder.encode(texts), y, n_splits=n_splits, seed=seed)
+
+    def _frozen_head(self) -> EmbeddingHead:
+        if not isinstance(self.head, EmbeddingHead):
+            raise TypeError("only a frozen encoder's EmbeddingHead is fitted here; fine-tuning is finetune.py's")
+        return self.head

@@ -24,3 +24,14 @@ class EmbeddingSettings(CommonSettings):
     embedding_cache_size: int = Field(
         20_000, ge=0, description="Embeddings kept by text hash (LRU; 0: no cache); ≈ 1.5 KB each for MiniLM."
     )
+    embedding_threads: int | None = Field(
+        None,
+        ge=1,
+        description="Torch intra-op threads of the voter's process (None: torch's default, one per core). "
+        "On a box the whole pipeline shares, 1 costs the least CPU per text.",
+    )
+    embedding_quantize: bool | None = Field(
+        None,
+        description="A fine-tuned encoder's Linear layers in dynamic int8 (None: as the bundle was scored at "
+        "training time, so the stacker saw the outputs it will get).",
+    )
