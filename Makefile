@@ -23,7 +23,7 @@ data: install
 
 models/sms/current/manifest.json: | data
 	$(FW) train --data data/sms.csv --out models/sms --labels configs/sms/labels.yaml --rules configs/sms/rules.yaml \
-		--slices configs/sms/slices.yaml --conformal configs/sms/conformal.yaml --lfs configs/sms/lfs.yaml
+		--slices configs/sms/slices.yaml --conformal configs/sms/conformal.yaml --lfs configs/sms/lfs.yaml --test-frac 0.25
 
 models: models/sms/current/manifest.json
 
@@ -53,7 +53,8 @@ bench-throughput: models models-embedding
 
 models/sms-embedding/current/manifest.json: | data
 	$(FW) train --data data/sms.csv --out models/sms-embedding --labels configs/sms/labels.yaml --rules configs/sms/rules.yaml \
-		--slices configs/sms/slices.yaml --conformal configs/sms/conformal.yaml --lfs configs/sms/lfs.yaml --embedding
+		--slices configs/sms/slices.yaml --conformal configs/sms/conformal.yaml --lfs configs/sms/lfs.yaml --embedding \
+		--test-frac 0.25
 
 models-embedding: models/sms-embedding/current/manifest.json
 

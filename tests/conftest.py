@@ -39,6 +39,7 @@ def sms_bundle(tmp_path_factory: pytest.TempPathFactory, data_files: dict[str, P
         CONFIGS / "sms" / "slices.yaml",
         conformal,
         CONFIGS / "sms" / "lfs.yaml",
+        test_frac=0.25,
     )
     return train(config)
 

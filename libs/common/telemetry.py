@@ -39,6 +39,9 @@ REQUESTS_EXPIRED = Counter(
 IN_FLIGHT = Gauge("flockwatch_gateway_in_flight", "Texts accepted and waiting for a decision")
 REFUSED = Counter("flockwatch_gateway_refused_total", "Texts refused by admission control (503)")
 MODEL_INFO = Gauge("flockwatch_model_info", "Loaded model versions (value 1)", ["component", "version"])
+MODEL_CERTIFIED = Gauge(
+    "flockwatch_model_certified", "1 when the bundle in force certified its risk target, 0 when it abstains on all"
+)
 SERVICE_INFO = Gauge("flockwatch_service_info", "Services running in this process (value 1)", ["service", "bus"])
 HTTP_REQUESTS = Counter("flockwatch_http_requests_total", "HTTP requests", ["app", "method", "route", "status"])
 HTTP_SECONDS = Histogram(

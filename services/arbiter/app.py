@@ -72,8 +72,7 @@ class ArbiterService(Service):
 
     async def start(self) -> None:
         policy: ArbiterPolicy = await asyncio.to_thread(load_policy, self.settings.model_dir)
-        self.policy = policy
-        telemetry.set_model_version(self.name, policy.version)
+        self._use(policy)
         self._ticker = asyncio.create_task(self._tick(), name="arbiter-deadlines")
 
     async def stop(self) -> None:
@@ -123,6 +122,15 @@ class ArbiterService(Service):
         never gets here: its claims end with their leases and the texts are decided again."""
         self._unconfirmed += [e.text_id for e in events if isinstance(e, Decision)]
 
+    def _use(self, policy: ArbiterPolicy) -> None:
+        """Put a loaded policy in force; a policy that abstains on every text is said loudly, not silently."""
+        self.policy = policy
+        telemetry.set_model_version(self.name, policy.version)
+        state = policy.certification
+        telemetry.MODEL_CERTIFIED.set(1 if state["certified"] else 0)
+        if not state["certified"]:
+            log.warning("arbiter: model %s: %s", policy.version, state["warning"])
+
     async def on_model(self, msgs: list[ModelPublished]) -> list[Event]:
         """Hot reload of the arbiter policy; a refused artifact keeps the current one."""
         for msg in msgs:
@@ -133,8 +141,7 @@ class ArbiterService(Service):
                 except (ArtifactError, OSError, ValueError, TypeError) as exc:
                     log.error("arbiter: refused model %s: %s", msg.version, exc)
                     continue
-                self.policy = policy
-                telemetry.set_model_version(self.name, policy.version)
+                self._use(policy)
                 heap.settle()  # the old policy collected, the new one frozen
         return []
 

@@ -19,7 +19,9 @@ class RiskConfig(BaseModel):
     delta: float = Field(0.1, gt=0, lt=1, description="The bound may fail with at most this probability.")
     harm_weighted: bool = Field(True, description="Weigh a mistake by the harm of the classes it confuses.")
     grid: int = Field(200, ge=10, le=5000, description="How many confidence thresholds learn-then-test tries.")
-    starts: int = Field(4, ge=1, le=50, description="Fixed-sequence test starts along the thresholds (δ split).")
+    starts: int = Field(
+        1, ge=1, le=50, description="Fixed-sequence test starts along the thresholds (δ is split among them)."
+    )
 
 
 class Tier(BaseModel):
@@ -85,6 +87,12 @@ class ConformalConfig(BaseModel):
         description="Calibrate per slice and/or per true class.",
     )
     consensus_min_prob: float = Field(0.9, gt=0.5, le=1, description="Consensus fast path: every voter ≥ this.")
+    answer_requires_singleton: bool = Field(
+        False,
+        description="Answer only texts whose prediction set is one class (besides confidence ≥ λ). Off: the "
+        "risk-controlled λ alone decides, and the set is reported with the answer; at α = 0.01 a set is rarely "
+        "a single class on a multi-class task, so requiring it would answer almost nothing.",
+    )
     risk: RiskConfig = Field(default_factory=RiskConfig)
     cascade: CascadeConfig = Field(default_factory=CascadeConfig)
 

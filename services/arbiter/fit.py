@@ -1,9 +1,13 @@
-"""Fit the arbiter: stacker on out-of-fold train outputs; conformal sets and thresholds on the calibration split.
+"""Fit the arbiter: combiner on out-of-fold train outputs; conformal sets and thresholds on calibration scores.
 
-The calibration split is never seen by the voters' or the stacker's training, so its scores are
-exchangeable with future texts'. One conformal stage is calibrated per cascade round: `cheap` (the
-cascade voters absent: what most texts are decided on), then `tier1`, `tier2`, … (the votes of the
-rounds up to that tier, on the calibration texts that tier's voters voted on).
+Two ways to get calibration scores. *Held out* (`cal` given): a calibration split that no voter nor the
+combiner trained on, so its scores are exchangeable with future texts' (exact split-conformal validity).
+*Cross-fitted* (`cal` None, `folds` given): every labeled text is scored by voters and a combiner fitted
+without its fold, and those out-of-fold scores calibrate the sets and λ (cross-conformal: the deployed
+models are refitted on all rows, so the guarantee is approximate; `benchmarks/quality.py --validity`
+checks it over repeated splits). One conformal stage is calibrated per cascade round: `cheap` (the cascade
+voters absent: what most texts are decided on), then `tier1`, `tier2`, … (the votes of the rounds up to
+that tier, on the calibration texts that tier's voters voted on).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from flockwatch.arbiter.config import ConformalConfig
 from flockwatch.arbiter.conformal import MondrianSets
 from flockwatch.arbiter.model import CHEAP, ArbiterPolicy, active_tiers, memberships, stage_name
 from flockwatch.arbiter.risk import Stage, choose_thresholds, harm_loss
+from flockwatch.arbiter.select import Selection, select_combiner
 from flockwatch.arbiter.stacker import Array, Stacker, stack_votes
 from flockwatch.common.metrics import has_opinion
 from flockwatch.common.slices import SliceConfig
@@ -28,8 +33,8 @@ Labels = NDArray[np.int64]
 def fit_policy(
     oof: Mapping[str, Array],
     y_train: Labels,
-    cal: Mapping[str, Array],
-    y_cal: Labels,
+    cal: Mapping[str, Array] | None,
+    y_cal: Labels | None,
     classes: list[str],
     harm: Mapping[str, float],
     config: ConformalConfig,
@@ -38,13 +43,31 @@ def fit_policy(
     slices: SliceConfig | None = None,
     version: str = "1",
     stacker: Stacker | None = None,
+    folds: NDArray[np.int64] | None = None,
+    choose: bool = True,
 ) -> ArbiterPolicy:
-    """Fit the stacker, calibrate the conformal stages, then choose the answer and escalation thresholds."""
-    y_train, y_cal = np.asarray(y_train, dtype=np.int64), np.asarray(y_cal, dtype=np.int64)
+    """Fit the combiner, calibrate the conformal stages, then choose the answer and escalation thresholds.
+
+    `folds` (a fold number per train row, the voters' own): choose the combiner by out-of-fold macro-F1
+    (`choose` False: the given stacker, cross-fitted).
+    `cal` None: cross-fitted calibration on the train rows themselves (needs `folds`; `cal_texts` are then
+    the train texts).
+    """
+    y_train = np.asarray(y_train, dtype=np.int64)
     tiers = active_tiers(config, list(oof))
     cascade = tuple(v for voters, _ in tiers for v in voters)
     base = stacker if stacker is not None else Stacker(rare=cascade)
-    fitted = base.fit(oof, y_train, len(classes))
+    if folds is not None:
+        selection = select_combiner(oof, y_train, len(classes), np.asarray(folds), base, choose)
+    elif cal is None:
+        raise ValueError("cross-fitted calibration (cal=None) needs the folds")
+    else:
+        selection = Selection(base.fit(oof, y_train, len(classes)), "stacker")
+    fitted = selection.stacker
+    crossfitted = cal is None
+    if cal is None or y_cal is None:
+        cal, y_cal = oof, y_train
+    y_cal = np.asarray(y_cal, dtype=np.int64)
     texts = list(cal_texts) if cal_texts is not None else [None] * len(y_cal)
     groups = memberships(slices, texts)
     names = [s.name for s in slices.slices] if slices else []
@@ -54,10 +77,16 @@ def fit_policy(
     rounds: list[Combined] = []
     for r in range(len(tiers) + 1):  # round r decides with the every-text voters and tiers 1…r
         later = {v for voters, _ in tiers[r:] for v in voters}
-        rounds.append(_combined(fitted, {v: p for v, p in cal.items() if v not in later}, config))
+        votes = {v: p for v, p in cal.items() if v not in later}
+        if crossfitted:
+            assert folds is not None
+            rounds.append(_crossfitted(selection.fold_stackers, np.asarray(folds), votes, config))
+        else:
+            rounds.append(_combined(fitted, votes, config))
         rows = np.ones(len(y_cal), dtype=bool) if r == 0 else _any_present(cal, tiers[r - 1][0])
         sets[stage_name(r)] = fit_sets(rounds[r], rows)
-        stages.append(Stage.from_sets(rounds[r].probabilities, _set_matrix(rounds[r], sets[stage_name(r)], groups)))
+        matrix = _set_matrix(rounds[r], sets[stage_name(r)], groups)
+        stages.append(Stage.from_sets(rounds[r].probabilities, matrix, config.answer_requires_singleton))
     cheap, cheap_stage = rounds[0], stages[0]
     loss = harm_loss(classes, harm, config.risk.harm_weighted)
     choice = choose_thresholds(
@@ -83,6 +112,8 @@ def fit_policy(
         escalate_below=choice.escalate_below,
         version=version,
     )
+    answered = cheap_stage.singleton & (cheap_stage.confidence >= choice.answer_at)
+    policy.calibration_scores = (cheap.probabilities, answered, y_cal)
     policy.calibration_report = {
         "n": len(y_cal),
         "risk": choice.to_dict(),
@@ -90,6 +121,8 @@ def fit_policy(
         "set_coverage": _coverage(cheap_stage, _set_matrix(cheap, sets[CHEAP], groups), cheap, y_cal),
         "consensus_rate": float((cheap.path == CONSENSUS).mean()) if len(y_cal) else 0.0,
         "stacker_voters": list(fitted.voters_),
+        "combiner": selection.report(),
+        "scheme": "cross-fitted" if crossfitted else "held-out",
         "cascade_voters": list(cascade),
         "cascade_tiers": [{"voters": voters, "budget": budget} for voters, budget in tiers],
     }
@@ -98,6 +131,21 @@ def fit_policy(
 
 def _combined(stacker: Stacker, votes: Mapping[str, Array], config: ConformalConfig) -> Combined:
     return combine(stacker, *stack_votes(stacker.voters_, votes), config.consensus_min_prob)
+
+
+def _crossfitted(
+    fold_stackers: Sequence[Stacker], folds: NDArray[np.int64], votes: Mapping[str, Array], config: ConformalConfig
+) -> Combined:
+    """Each fold's rows combined by the combiner fitted without that fold."""
+    if len(fold_stackers) != len(np.unique(folds)):
+        raise ValueError("cross-fitted calibration needs one fitted combiner per fold")
+    n, k = len(folds), len(fold_stackers[0].intercept_)
+    probs, path = np.full((n, k), np.nan), np.zeros(n, dtype=np.int8)
+    for f, model in zip(np.unique(folds), fold_stackers, strict=True):
+        rows = folds == f
+        part = _combined(model, {v: p[rows] for v, p in votes.items()}, config)
+        probs[rows], path[rows] = part.probabilities, part.path
+    return Combined(probs, path)
 
 
 def _any_present(votes: Mapping[str, Array], voters: Sequence[str]) -> NDArray[np.bool_]:

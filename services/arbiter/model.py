@@ -1,10 +1,12 @@
 """The arbiter's policy: combine a text's votes, cut a conformal set, answer, abstain or escalate.
 
-A text is answered when its conformal prediction set is a single class and its confidence clears the
-risk-controlled threshold (`risk.py`); safety triggers can raise the answer or force a review. The
-cascade asks its tiers in rounds, cheapest first (e.g. the embedding model, then the LLM): while a
-text's set is not a single class (at confidence ≥ `escalate_below`, 0 as fitted) but it is not
-hopeless (confidence ≥ that tier's `escalate_at`), the arbiter asks the next tier instead of deciding.
+A text is answered when its confidence clears the risk-controlled threshold λ (`risk.py`) and, when
+`answer_requires_singleton` is set, its conformal prediction set is a single class; the set is reported
+with every decision either way. Safety triggers can raise the answer or force a review. The cascade asks
+its tiers in rounds, cheapest first (e.g. the embedding model, then the LLM): while a text cannot be
+answered yet (confidence below `escalate_below`, the label-free estimate of λ, or a set the rule refuses)
+but it is not hopeless (confidence ≥ that tier's `escalate_at`), the arbiter asks the next tier instead of
+deciding.
 Each decision records its rounds and why the cascade stopped.
 """
 
@@ -19,6 +21,7 @@ from flockwatch.arbiter.combiner import NO_VOTES, PATHS, Combined, combine
 from flockwatch.arbiter.config import ConformalConfig
 from flockwatch.arbiter.conformal import MondrianSets
 from flockwatch.arbiter.stacker import Array, Stacker, stack_votes
+from flockwatch.common.certification import certification
 from flockwatch.common.events import CascadeRound, Decision, SafetyTrigger, Vote
 from flockwatch.common.labels import LabelConfig
 from flockwatch.common.slices import SliceConfig
@@ -100,6 +103,8 @@ class ArbiterPolicy:
     escalate_below: float = 2.0
     version: str = "0"
     calibration_report: dict[str, Any] = field(default_factory=dict)
+    # fitting only, never stored: the round-0 calibration probabilities, answered mask and labels
+    calibration_scores: tuple[Array, NDArray[np.bool_], NDArray[np.int64]] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if list(self.harm) != self.classes:
@@ -120,6 +125,11 @@ class ArbiterPolicy:
         for r in range(len(self.tiers) + 1):
             for v in [v for tier in self.tiers[r:] for v in tier]:
                 self._prefix[r, self._slot[v]] = False
+
+    @property
+    def certification(self) -> dict[str, Any]:
+        """Whether the risk target was certified; when not, the policy abstains on every text and says so."""
+        return certification(self.answer_at, self.config.risk.target, self.calibration_report.get("risk", {}))
 
     @property
     def cascade_voters(self) -> list[str]:
@@ -245,7 +255,8 @@ class ArbiterPolicy:
         if path == NO_VOTES:
             return "no votes"
         if self._sure(p, pset):
-            return "a single class" + (f" at confidence ≥ {self.escalate_below:.3f}" if self.escalate_below else "")
+            what = "a single class" if self.config.answer_requires_singleton else "answerable"
+            return what + (f" at confidence ≥ {self.escalate_below:.3f}" if self.escalate_below else "")
         if r >= len(self.tiers):
             return "unsure, and no cascade tier is left"
         if p.max() < self.escalate_at[r]:
@@ -276,7 +287,8 @@ class ArbiterPolicy:
         return True
 
     def _sure(self, p: Array, pset: Array) -> bool:
-        return bool(int(pset.sum()) == 1 and pset[int(p.argmax())] and p.max() >= self.escalate_below)
+        single = int(pset.sum()) == 1 and pset[int(p.argmax())] if self.config.answer_requires_singleton else True
+        return bool(single and p.max() >= self.escalate_below)
 
     def _escalation(self, item: DecideItem, path: int, p: Array, pset: Array) -> Escalation | None:
         r = item.rounds
@@ -335,9 +347,9 @@ class ArbiterPolicy:
             return None, "no voter gave an opinion" + (f" ({details})" if details else ""), []
         level = f"{1 - self.config.alpha:.0%}"
         top, size = int(p.argmax()), int(pset.sum())
-        if size == 0:
+        if self.config.answer_requires_singleton and size == 0:
             return None, f"empty prediction set at {level}: no class is plausible", []
-        if size > 1 or not pset[top]:
+        if self.config.answer_requires_singleton and (size > 1 or not pset[top]):
             return None, f"prediction set {self._names(pset)} at {level} is not a single class", []
         if p[top] < self.answer_at:
             target = f"{self.config.risk.target:.1%}"
@@ -378,7 +390,8 @@ class ArbiterPolicy:
                 harm={str(c): float(h) for c, h in data["harm"].items()},
                 stacker=Stacker.from_dict(data["stacker"]),
                 expected_voters=[str(v) for v in data["expected_voters"]],
-                config=ConformalConfig.model_validate(data["config"]),
+                # bundles from before the option always required a one-class set: keep their behaviour
+                config=ConformalConfig.model_validate({"answer_requires_singleton": True, **data["config"]}),
                 sets=sets,
                 slices=slices,
                 answer_at=float(data["answer_at"]),

@@ -4,32 +4,49 @@ The arbiter answers a text when its conformal set is a single class and its conf
 cascade asks its tiers (cheap to expensive: e.g. the embedding model, then the LLM) one round at a time
 for texts whose set is still not a single class, unless they are hopeless (confidence < τᵣ, fixed from
 unlabeled confidences so that at most 90 % of the tier's budget is used). For every candidate λ the
-selective risk — the mean harm-weighted loss over the calibration texts it would answer — gets a
-Hoeffding–Bentkus p-value for "risk > target" (MAPIE's `compute_hoeffding_bentkus_p_value`, with n the
-number answered), and the share of texts reaching each tier one for "share > that tier's budget"; a λ
-is valid when all hold (the largest p-value). MAPIE's fixed-sequence testing along λ (most confident
-first; several starts spread along the chain, so one confidently wrong text early on does not end the
-search) keeps the family-wise error ≤ δ, so with probability ≥ 1 − δ every valid λ meets every target at
-once; the one answering most calibration texts wins. No valid λ: the arbiter abstains on everything, and
-the report says so. (An earlier design also chose τ and an "unsure" confidence with labels, at the price
-of a Bonferroni split of δ across plans; on 1,100 SMS calibration texts that split alone made a 1 %
-target uncertifiable.)
+selective risk — the mean loss over the calibration texts it would answer — gets a p-value for
+"risk > target": the exact binomial tail (Clopper–Pearson: P[Bin(n, target) ≤ errors], n the number
+answered) when the loss is 0/1, Hoeffding–Bentkus (MAPIE's `compute_hoeffding_bentkus_p_value`) when it is
+harm-weighted; the share of texts reaching each tier gets one for "share > that tier's budget"; a λ is
+valid when all hold (the largest p-value). MAPIE's fixed-sequence testing along λ (most confident first,
+from a label-free start where certification is likely — see `_lambda_chain` — one start by default so δ
+is not split)
+keeps the family-wise error ≤ δ, so with probability ≥ 1 − δ every valid λ meets every target at once; the
+one answering most calibration texts wins. No valid λ: the arbiter abstains on everything, and the report
+says so, with the certifiable frontier (target → coverage) to choose a reachable target from.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
 from mapie.risk_control import FWERFixedSequenceTesting, control_fwer
 from mapie.risk_control.methods import compute_hoeffding_bentkus_p_value
 from numpy.typing import NDArray
+from scipy.stats import binom, poisson
 
 Array = NDArray[np.float64]
 Mask = NDArray[np.bool_]
 NEVER = 2.0  # a threshold above every probability: never answer / never escalate
+FRONTIER_TARGETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2)
+
+
+def risk_p_values(risk: Array, n: Array, target: float, binary: bool) -> Array:
+    """p-values for "mean loss > target" given the mean loss over n texts (1.0 where n = 0).
+
+    0/1 loss: the exact binomial tail P[Bin(n, target) ≤ errors] (Clopper–Pearson), valid on its own (MAPIE's
+    binary Hoeffding–Bentkus takes the smaller of this tail and Hoeffding's bound, and a minimum of two
+    p-values is not a p-value); bounded non-binary loss: Hoeffding–Bentkus.
+    """
+    risk, n = np.asarray(risk, dtype=np.float64), np.asarray(n, dtype=np.float64)
+    if binary:
+        p = binom.cdf(np.round(risk * n), n, target)
+    else:
+        p = compute_hoeffding_bentkus_p_value(risk, n, target, False)[:, 0]
+    return np.where(n > 0, np.minimum(p, 1.0), 1.0)
 
 
 def harm_loss(classes: list[str], harm: Mapping[str, float], weighted: bool = True) -> Array:
@@ -49,12 +66,16 @@ class Stage:
     singleton: Mask
 
     @classmethod
-    def from_sets(cls, probs: Array, sets: Mask) -> Stage:
-        """From combined probabilities (NaN rows: no votes) and conformal sets."""
+    def from_sets(cls, probs: Array, sets: Mask, require_singleton: bool = True) -> Stage:
+        """From combined probabilities (NaN rows: no votes) and conformal sets.
+
+        `singleton` marks the texts the set rule lets the arbiter answer: those with votes whose set is the
+        predicted class alone, or (`require_singleton` False) every text with votes.
+        """
         voted = ~np.isnan(probs).any(axis=1)
         p = np.nan_to_num(probs)
         pred = p.argmax(axis=1)
-        single = voted & (sets.sum(axis=1) == 1) & sets[np.arange(len(p)), pred]
+        single = voted & (sets.sum(axis=1) == 1) & sets[np.arange(len(p)), pred] if require_singleton else voted
         return cls(np.where(voted, p.max(axis=1), 0.0), pred, single)
 
 
@@ -75,6 +96,7 @@ class RiskChoice:
     target: float
     delta: float
     budgets: tuple[float, ...]
+    frontier: tuple[dict[str, Any], ...] = ()  # per target: the coverage certifiable on this calibration data
 
     @property
     def call_rate(self) -> float:
@@ -94,23 +116,26 @@ def choose_thresholds(
     delta: float,
     grid: int = 200,
     budgets: Sequence[float] = (),
-    starts: int = 4,
+    starts: int = 1,
+    frontier_targets: Sequence[float] = FRONTIER_TARGETS,
 ) -> RiskChoice:
     """λ by learn-then-test on the decisions the cascade leads to; `stages[r]` decides with rounds 0…r.
 
-    The cascade's plan uses no labels, so it costs no multiplicity: after round r − 1, the texts whose set
-    is not a single class are escalated to tier r, most confident first, up to 90 % of the tier's budget
-    (τᵣ is the confidence where that share is reached; the rest are hopeless). Only the λ chain is
-    tested, with the reach of each tier as part of every hypothesis.
+    The cascade's plan uses no labels, so it costs no multiplicity: after round r − 1, the texts the
+    voters so far could not answer — not answerable by the set rule, or below λ̂, the label-free estimate
+    of the answer threshold (`expected_threshold`) — are escalated to tier r, most confident first, up to
+    90 % of the tier's budget (τᵣ is the confidence where that share is reached; the rest are hopeless).
+    Only the λ chain is tested, with the reach of each tier as part of every hypothesis.
     """
     binary = bool(np.isin(loss, (0.0, 1.0)).all())
     tiers = min(len(stages) - 1, len(budgets))
     chain = _Chain(y, loss, target, delta, binary, grid, tuple(budgets[:tiers]), starts)
     n = len(y)
     stage, reach, taus = stages[0], [], []
+    below = expected_threshold(stages[0], target) if tiers else 0.0
     at_last = np.ones(n, dtype=bool)
     for r in range(1, tiers + 1):
-        unsure = at_last & ~stage.singleton
+        unsure = at_last & ~(stage.singleton & (stage.confidence >= below))
         grid_r = _tau_grid(stage.confidence[unsure], budgets[r - 1], n, 1)
         if not grid_r:
             break
@@ -118,7 +143,14 @@ def choose_thresholds(
         stage = _merge(stage, stages[r], at_last)
         reach.append(at_last)
         taus.append(grid_r[0])
-    return chain.run(stage, reach, tuple(taus) + (NEVER,) * (tiers - len(taus)), 0.0)
+    plan = tuple(taus) + (NEVER,) * (tiers - len(taus))
+    below = below if taus else 0.0
+    choice = chain.run(stage, reach, plan, below)
+    points = []
+    for t in sorted({*frontier_targets, target}):
+        c = choice if t == target else replace(chain, target=t).run(stage, reach, plan, below)
+        points.append({"target": t, "certified": c.certified, "coverage": c.coverage, "error": c.error})
+    return replace(choice, frontier=tuple(points))
 
 
 @dataclass
@@ -138,16 +170,15 @@ class _Chain:
         """The certified λ answering most texts; else an uncertified NEVER choice with the closest p-value."""
         y, n = self.y, len(self.y)
         starts = self.starts
-        lambdas = _lambda_chain(stage, _min_answered(self.target, self.level / starts, self.binary, n), self.grid)
+        least = _min_answered(self.target, self.level / starts, self.binary, n)
+        lambdas = _lambda_chain(stage, least, self.grid, self.target if starts == 1 else None, self.level)
         answered = stage.singleton[None, :] & (stage.confidence[None, :] >= lambdas[:, None])  # (G, n)
         n_ans = answered.sum(axis=1)
         risk = (answered * self.loss[y, stage.prediction]).sum(axis=1) / np.maximum(n_ans, 1)
-        hb = compute_hoeffding_bentkus_p_value(risk, n_ans.astype(float), self.target, self.binary)[:, 0]
-        p = np.where(n_ans > 0, hb, 1.0)
+        p = risk_p_values(risk, n_ans, self.target, self.binary)
         rates = [float(mask.mean()) if n else 0.0 for mask in reach]
         for rate, budget in zip(rates, self.budgets, strict=False):
-            p_rate = compute_hoeffding_bentkus_p_value(np.array([rate]), n, budget, True)[0, 0]
-            p = np.maximum(p, p_rate)
+            p = np.maximum(p, risk_p_values(np.array([rate]), np.array([n]), budget, True)[0])
         procedure = FWERFixedSequenceTesting(n_starts=min(starts, len(p)))
         valid = np.asarray(control_fwer(p, self.level, fwer_method=procedure), dtype=np.int64)
         errors = (answered & (y[None, :] != stage.prediction[None, :])).sum(axis=1) / np.maximum(n_ans, 1)
@@ -172,24 +203,47 @@ class _Chain:
         )
 
 
+def expected_threshold(stage: Stage, target: float) -> float:
+    """λ̂: the lowest confidence at which the *expected* error of the answered texts (the mean of 1 − confidence
+    over the answerable texts at or above it; the combined probabilities are calibrated) stays ≤ target.
+
+    Label-free, so the cascade may use it to decide what to escalate without costing multiplicity.
+    """
+    conf = np.sort(stage.confidence[stage.singleton])[::-1]
+    expected = np.cumsum(1.0 - conf) / np.arange(1, len(conf) + 1)
+    within = np.flatnonzero(expected <= target)
+    return float(conf[within[-1]]) if len(within) else NEVER
+
+
 def _min_answered(target: float, level: float, binary: bool, limit: int) -> int:
     """Fewest answered texts that could certify the target at all (with no mistakes): where the chain starts."""
     sizes = np.arange(1, max(limit, 1) + 1, dtype=float)
-    p = compute_hoeffding_bentkus_p_value(np.zeros_like(sizes), sizes, target, binary)[:, 0]
+    p = risk_p_values(np.zeros_like(sizes), sizes, target, binary)
     ok = np.flatnonzero(p <= level)
     return int(sizes[ok[0]]) if len(ok) else limit + 1
 
 
-def _lambda_chain(stage: Stage, start: int, size: int) -> Array:
-    """λ values, descending, answering `start`, … up to every answerable text: the fixed testing order.
+def _lambda_chain(stage: Stage, start: int, size: int, target: float | None = None, level: float = 0.1) -> Array:
+    """λ values, descending, from a label-free start up to every answerable text: the fixed testing order.
 
-    The positions depend only on counts (fixed before any label is seen); the first one is the smallest
-    count that could pass the test, so the chain does not stop on hopeless tiny-coverage thresholds.
+    The order uses no label, so it costs no multiplicity. With a `target`, it starts where certification is
+    most likely: the count c of most confident texts with the highest chance to pass, the chance that the
+    errors — Poisson with the *expected* count, the sum of 1 − confidence (the combined probabilities are
+    calibrated) — stay within the most a passing test at c allows. Never below `start`, the smallest count
+    that could pass at all. A chain started at the very most confident texts ends at the first confidently
+    wrong text among them; started where passing is likely, one early mistake is diluted.
     """
     conf = np.sort(stage.confidence[stage.singleton])[::-1]
     if len(conf) < start:
         return np.array([NEVER])
-    counts = np.unique(np.linspace(start, len(conf), size).astype(int))
+    first = start
+    if target is not None:
+        counts = np.arange(start, len(conf) + 1)
+        allowed = binom.ppf(level, counts, target)  # the fewest errors whose tail reaches the level…
+        allowed -= binom.cdf(allowed, counts, target) > level  # …less one unless that tail is exactly within it
+        chance = poisson.cdf(allowed, np.cumsum(1.0 - conf)[counts - 1])
+        first = int(counts[int(np.argmax(chance))])
+    counts = np.unique(np.linspace(first, len(conf), size).astype(int))
     return np.asarray(np.unique(conf[counts - 1])[::-1], dtype=np.float64)
 
 

@@ -123,9 +123,17 @@ class ClassicalModel(BaseEstimator):  # type: ignore[misc,unused-ignore]  # skle
         }
 
     def oof_proba(
-        self, texts: Sequence[str], y: Sequence[str], n_splits: int = 5, seed: int = 0
+        self,
+        texts: Sequence[str],
+        y: Sequence[str],
+        n_splits: int = 5,
+        seed: int = 0,
+        folds: NDArray[np.int64] | None = None,
     ) -> dict[str, NDArray[np.float64]]:
-        """Out-of-fold probabilities per model: each fold fits a fresh clone with the chosen calibration."""
+        """Out-of-fold probabilities per model: each fold fits a fresh clone with the chosen calibration.
+
+        `folds`: a fold number per text (the trainer's shared assignment); else stratified `n_splits` folds.
+        """
         self._check_fitted()
         check_training(texts, y, min_per_class=n_splits)
         unknown = sorted(set(y) - set(self.classes_))
@@ -133,8 +141,11 @@ class ClassicalModel(BaseEstimator):  # type: ignore[misc,unused-ignore]  # skle
             raise TrainingDataError(f"labels not among the fitted classes {self.classes_}: {unknown}")
         text_array, labels = np.asarray(list(texts), dtype=object), np.asarray(y, dtype=object)
         out = {v: np.full((len(labels), len(self.classes_)), np.nan) for v in self.voters_}
-        folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-        for train, held_out in folds.split(text_array, labels):
+        if folds is None:
+            splits = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(text_array, labels)
+        else:
+            splits = ((np.flatnonzero(folds != f), np.flatnonzero(folds == f)) for f in np.unique(folds))
+        for train, held_out in splits:
             fold_model = clone(self).set_params(calibration=dict(self.methods_))
             fold_model.fit(text_array[train].tolist(), labels[train].tolist())
             if fold_model.classes_ != self.classes_:

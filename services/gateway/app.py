@@ -15,6 +15,7 @@ from fastapi.telemetry import TelemetryConfig
 from flockwatch.common import heap, telemetry, topics, tracing
 from flockwatch.common.auth import harden, require
 from flockwatch.common.bus import Bus, BusUnavailable, create_bus
+from flockwatch.common.certification import bundle_certification
 from flockwatch.common.events import Decision, ModelPublished, TextSubmitted
 from flockwatch.common.metrics_http import HttpTelemetry
 from flockwatch.common.problems import explain_unreadable_bodies
@@ -254,8 +255,10 @@ def create_app(
 
     @app.get("/health")
     async def health(gw: GatewayDep) -> dict[str, object]:
-        """Liveness, the bus kind and the texts in flight."""
-        return {"status": "ok", "bus": gw.settings.bus_scheme, "in_flight": gw.book.in_flight}
+        """Liveness, the bus kind, the texts in flight, and whether the bundle in force answers at all."""
+        model = await asyncio.to_thread(bundle_certification, gw.settings.model_dir)
+        status = "ok" if model.get("certified") else "degraded"
+        return {"status": status, "bus": gw.settings.bus_scheme, "in_flight": gw.book.in_flight, "model": model}
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:

@@ -92,6 +92,13 @@ def held_out(run: RunData) -> HeldOutSet:
     return HeldOutSet(data, reference, len(test) - len(keep))
 
 
+def training_rows(run: RunData) -> Dataset:
+    """Every text outside the gate's held-out (test) split: what a full run trains and calibrates on."""
+    parts = split(run.data)
+    kept = [parts[s] for s in ("train", "calibration")]
+    return Dataset([t for d in kept for t in d.texts], [y for d in kept for y in d.labels])
+
+
 def _second_half(text: str) -> bool:
     """A second, independent hash split of a pool into halves."""
     return hashlib.sha256(b"recalibrate\x1f" + normalize(text).encode()).digest()[0] % 2 == 1

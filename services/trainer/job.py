@@ -59,10 +59,11 @@ def _config(spec: JobSpec, key: str) -> Path | None:
     return None
 
 
-def _train_full(spec: JobSpec, run: rundata.RunData, progress: Progress) -> Path:
+def _train_full(spec: JobSpec, run: rundata.RunData, held: Dataset, progress: Progress) -> Path:
     llm = spec.configs.get("llm") if len(spec.corrections) >= spec.llm_min_corrections else None
     config = TrainConfig(
-        data=run.data,
+        data=rundata.training_rows(run),
+        test=held,
         out=spec.work_dir / "candidates",
         name=spec.name,
         labels=_config(spec, "labels"),
@@ -129,7 +130,7 @@ def run(spec: JobSpec, progress: Progress) -> dict[str, Any]:
         fit_rows, cal_rows = rundata.recalibration_pool(merged, spec.recent)
         candidate = recalibrate(spec.champion, fit_rows, cal_rows, held.data, spec.work_dir / "candidates", progress)
     else:
-        candidate = _train_full(spec, merged, progress)
+        candidate = _train_full(spec, merged, held.data, progress)
     trained = time.perf_counter()
     progress(f"gate: champion vs challenger on {len(held.data)} held-out texts")
     gate = gate_candidate(candidate, spec.champion, held, spec.kind, GateConfig(**spec.gate)).to_dict()

@@ -1,8 +1,12 @@
 """`flockwatch train`: fit every configured voter and the arbiter, evaluate, and write a model bundle.
 
-Splits are fixed by text hash (`flockwatch.common.datasets`): voters fit on train; the arbiter's pool
-fits on the voters' *out-of-fold* train outputs; its abstention threshold is chosen on calibration;
-the metrics come from test, which nothing trained on.
+Every labeled text is used. The voters are cross-fitted: K folds (one assignment shared by all voters
+and the combiner) give each text an out-of-fold output, and the final voters are refitted on all texts.
+The combiner is chosen and fitted on the out-of-fold outputs. Calibration of the sets and of the answer
+threshold is either cross-fitted (default: on the same out-of-fold scores, every text counts) or held out
+(`calibration="holdout"`: a hash-chosen share no voter trains on; exact split-conformal validity). A test
+set is kept apart only when asked (`test` data or `test_frac`); without one, the metrics are the
+out-of-fold ones.
 """
 
 from __future__ import annotations
@@ -13,21 +17,23 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import joblib
 import numpy as np
 from flockwatch.arbiter.config import ConformalConfig
 from flockwatch.arbiter.fit import fit_policy
 from flockwatch.arbiter.model import harm_weights
+from flockwatch.arbiter.select import fold_ids
 from flockwatch.classical_voter.model import ClassicalModel
 from flockwatch.common.artifacts import Manifest, new_version, publish_dir, write_manifest
-from flockwatch.common.datasets import Dataset, split
+from flockwatch.common.datasets import Dataset, hold_out
 from flockwatch.common.labels import LabelConfig
 from flockwatch.common.slices import SliceConfig
 from flockwatch.common.voting import opinions_matrix
 from flockwatch.regex_voter.model import RuleEngine
 from flockwatch.regex_voter.rules import load_rules
+from flockwatch.trainer.crossfit import out_of_fold_metrics
 from flockwatch.trainer.evaluate import evaluate
 from flockwatch.ws_voter.app import save as save_ws
 from flockwatch.ws_voter.lfs import load_lfs
@@ -53,6 +59,12 @@ class TrainConfig:
     folds: int = 5
     # a local sentence-transformers folder: adds the `minilm` embedding voter (None: no embedding voter)
     embedding: Path | None = None
+    # fine-tune that encoder end to end (a FinetuneConfig) instead of fitting a head on frozen embeddings
+    finetune: Any = None
+    test: Dataset | None = None  # evaluate on these texts (never trained on)
+    test_frac: float = 0.0  # without `test`: hold out this share of `data` (by text hash) for the test report
+    calibration: Literal["crossfit", "holdout"] = "crossfit"
+    cal_frac: float = 0.3  # holdout: the share of the training texts kept for calibration
 
 
 def _labels(config: TrainConfig) -> LabelConfig:
@@ -69,13 +81,13 @@ def train(config: TrainConfig, progress: Progress = lambda _: None) -> Path:
     """Train, evaluate and publish a bundle under `config.out/<version>`; returns its directory."""
     labels = _labels(config)
     classes = labels.names
-    parts = split(config.data)
-    train_set, cal_set, test_set = parts["train"], parts["calibration"], parts["test"]
+    train_set, cal_set, test_set = parts(config)
     y_train = np.array([classes.index(y) for y in train_set.labels])
     y_cal = np.array([classes.index(y) for y in cal_set.labels])
+    folds = fold_ids(train_set.labels, config.folds)
 
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=_ensure(config.out)))
-    fitted = _Fitted(train_set, cal_set, staging)
+    fitted = _Fitted(train_set, cal_set, staging, folds=folds)
     oof, cal, components = fitted.oof, fitted.cal, fitted.components
     shutil.copyfile(config.labels, staging / "labels.yaml") if config.labels else _dump_labels(labels, staging)
     slices = SliceConfig.load(config.slices) if config.slices else None
@@ -92,12 +104,13 @@ def train(config: TrainConfig, progress: Progress = lambda _: None) -> Path:
         oof["regex"] = opinions_matrix(engine.predict(train_set.texts), classes)
         cal["regex"] = opinions_matrix(engine.predict(cal_set.texts), classes)
 
-    progress("classical voters: fit on train (calibration method chosen on held-out ECE)")
+    progress("classical voters: fit on every training text (calibration method chosen on held-out ECE)")
     model = ClassicalModel().fit(train_set.texts, train_set.labels)
-    progress(f"classical voters: {config.folds}-fold out-of-fold outputs")
+    n_folds = len(np.unique(folds))
+    progress(f"classical voters: {n_folds}-fold out-of-fold outputs")
     oof.update(
         _reorder(
-            model.oof_proba(train_set.texts, train_set.labels, n_splits=config.folds, seed=0), model.classes_, classes
+            model.oof_proba(train_set.texts, train_set.labels, n_splits=n_folds, folds=folds), model.classes_, classes
         )
     )
     cal.update(_reorder(model.predict_proba_all(cal_set.texts), model.classes_, classes))
@@ -106,20 +119,23 @@ def train(config: TrainConfig, progress: Progress = lambda _: None) -> Path:
     ws_report = _weak_supervision(config, labels, fitted, progress)
     llm_report = _llm(config, labels, fitted, progress)
 
-    progress("arbiter: stacker on out-of-fold outputs; conformal sets and thresholds on calibration")
+    crossfit = config.calibration == "crossfit"
+    where = "cross-fitted on every text" if crossfit else f"on {len(cal_set)} held-out texts"
+    progress(f"arbiter: combiner chosen on out-of-fold outputs; conformal sets and thresholds {where}")
     version = new_version(config.data.sha256())
     components["classical"] = f"classical-{version}"
     policy = fit_policy(
         oof,
         y_train,
-        cal,
-        y_cal,
+        None if crossfit else cal,
+        None if crossfit else y_cal,
         classes,
         harm_weights(labels),
         conformal,
-        cal_texts=cal_set.texts,
+        cal_texts=train_set.texts if crossfit else cal_set.texts,
         slices=slices,
         version=f"arbiter-{version}",
+        folds=folds,
     )
     components["arbiter"] = policy.version
     (staging / "arbiter.json").write_text(json.dumps(policy.to_dict(), indent=1), encoding="utf-8")
@@ -133,13 +149,18 @@ def train(config: TrainConfig, progress: Progress = lambda _: None) -> Path:
         config={
             "risk_target": conformal.risk.target,
             "alpha": conformal.alpha,
-            "folds": config.folds,
-            "splits": {k: len(v) for k, v in parts.items()},
+            "folds": n_folds,
+            "calibration": config.calibration,
+            "splits": {"train": len(train_set), "calibration": len(cal_set), "test": len(test_set)},
+            "certified": bool(policy.calibration_report["risk"]["certified"]),
         },
     )
     write_manifest(staging, manifest)
-    progress("evaluate on the test split")
-    metrics = evaluate(staging, test_set)
+    if len(test_set):
+        progress(f"evaluate on the {len(test_set)} test texts")
+        metrics = evaluate(staging, test_set)
+    else:
+        metrics = out_of_fold_metrics(oof, policy, y_train if crossfit else y_cal, classes)
     metrics["calibration"] = policy.calibration_report
     if ws_report:
         metrics["ws_choice"] = ws_report
@@ -153,6 +174,18 @@ def train(config: TrainConfig, progress: Progress = lambda _: None) -> Path:
     return publish_dir(staging, config.out, version)
 
 
+def parts(config: TrainConfig) -> tuple[Dataset, Dataset, Dataset]:
+    """(train, calibration, test) texts: calibration is empty when cross-fitted, test unless one is asked for."""
+    data, test = config.data, config.test
+    if test is None:
+        data, test = hold_out(data, config.test_frac, "test")
+    if config.calibration == "holdout":
+        train_set, cal_set = hold_out(data, config.cal_frac, "calibration")
+    else:
+        train_set, cal_set = data, Dataset([], [])
+    return train_set, cal_set, test
+
+
 @dataclass
 class _Fitted:
     """What the voters fitted so far hand the arbiter: out-of-fold train and calibration outputs, versions."""
@@ -160,6 +193,7 @@ class _Fitted:
     train_set: Dataset
     cal_set: Dataset
     staging: Path
+    folds: np.ndarray | None = None  # the shared fold number of each train text
     oof: dict[str, np.ndarray] = field(default_factory=dict)
     cal: dict[str, np.ndarray] = field(default_factory=dict)
     components: dict[str, str] = field(default_factory=dict)
@@ -173,6 +207,7 @@ def _embedding(config: TrainConfig, fitted: _Fitted, classes: list[str], progres
     from flockwatch.classical_voter.embedding_app import train_embedding
 
     train_set = fitted.train_set
+    extra = {} if config.finetune is None else {"finetune": config.finetune}
     result = train_embedding(
         config.embedding,
         (train_set.texts, train_set.labels),
@@ -180,6 +215,7 @@ def _embedding(config: TrainConfig, fitted: _Fitted, classes: list[str], progres
         fitted.staging,
         folds=config.folds,
         progress=progress,
+        **extra,
     )
     fitted.oof.update(_reorder({VOTER: result.oof}, result.classes, classes))
     fitted.cal.update(_reorder({VOTER: result.cal}, result.classes, classes))

@@ -1,0 +1,127 @@
+"""Choose the combiner by out-of-fold macro-F1, so the ensemble never loses to its best voter on held-out rows.
+
+The candidates are the stacker (multinomial logistic regression, C and class weights from a small grid), a
+weighted log-linear pool of all voters, and each every-text voter alone (temperature-scaled). Each is
+cross-fitted over the same folds the voters' out-of-fold outputs came from: fitted on the other folds, it
+scores the held-out fold. The best out-of-fold macro-F1 wins (exact ties: the simpler candidate); it is
+refitted on every row. The per-fold fits of the winner are kept: cross-fitted calibration needs its
+out-of-fold probabilities.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flockwatch.arbiter.stacker import Array, Stacker
+from flockwatch.common.metrics import has_opinion
+from numpy.typing import NDArray
+from sklearn.metrics import f1_score, log_loss
+
+Labels = NDArray[np.int64]
+C_GRID = (0.1, 1.0, 10.0)
+MIN_FOLD_ROWS = 20  # fewer rows than this per fold: no selection, the default stacker
+
+
+@dataclass
+class Selection:
+    """The chosen combiner fitted on every row, its per-fold fits, and every candidate's out-of-fold score."""
+
+    stacker: Stacker
+    name: str
+    fold_stackers: list[Stacker] = field(default_factory=list)
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def report(self) -> dict[str, Any]:
+        """JSON-ready: the winner and each candidate's out-of-fold macro-F1 and log loss."""
+        return {"chosen": self.name, "candidates": self.scores}
+
+
+def candidates(voters: Sequence[str], rare: Sequence[str], base: Stacker) -> dict[str, Callable[[], Stacker]]:
+    """Named factories, simplest first (exact ties go to the earlier one)."""
+    params = base.get_params()
+    out: dict[str, Callable[[], Stacker]] = {}
+    for v in voters:
+        if v not in rare:
+            out[f"voter:{v}"] = _factory(params, kind="pool", only=v)
+    out["pool"] = _factory(params, kind="pool", only=None)
+    for c in C_GRID:
+        for weight in (None, "balanced"):
+            name = f"stacker:C={c:g}" + (",balanced" if weight else "")
+            out[name] = _factory(params, kind="logistic", C=c, class_weight=weight, only=None)
+    return out
+
+
+def _factory(params: dict[str, Any], **update: Any) -> Callable[[], Stacker]:
+    return lambda: Stacker(**{**params, **update})
+
+
+def fold_ids(y: Sequence[Any] | NDArray[Any], folds: int, seed: int = 0) -> NDArray[np.int64]:
+    """A stratified fold number per row (the same assignment for every voter and the combiner)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    out = np.zeros(len(y), dtype=np.int64)
+    _, counts = np.unique(np.asarray(y, dtype=object), return_counts=True)
+    smallest = int(counts.min()) if len(y) else 0
+    splits = max(2, min(folds, smallest))
+    for f, (_, held) in enumerate(StratifiedKFold(splits, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)):
+        out[held] = f
+    return out
+
+
+def select_combiner(
+    oof: Mapping[str, Array],
+    y: Labels,
+    n_classes: int,
+    folds: NDArray[np.int64],
+    base: Stacker,
+    choose: bool = True,
+) -> Selection:
+    """Cross-fit every candidate over `folds`; refit the best (by out-of-fold macro-F1) on every row.
+
+    `choose` False, or too few rows per fold to compare: `base` itself, cross-fitted.
+    """
+    voters = list(oof)
+    y = np.asarray(y, dtype=np.int64)
+    if not choose or len(np.unique(folds)) < 2 or np.bincount(folds).min() < MIN_FOLD_ROWS:
+        params = base.get_params()
+        fold_fits = (
+            crossfit(lambda: Stacker(**params), oof, y, n_classes, folds)[1] if len(np.unique(folds)) > 1 else []
+        )
+        why = "stacker" if not choose else "stacker (too few rows to choose)"
+        return Selection(base.fit(oof, y, n_classes), why, fold_fits)
+    scores: dict[str, dict[str, float]] = {}
+    fits: dict[str, list[Stacker]] = {}
+    for name, make in candidates(voters, base.rare, base).items():
+        probs, fits[name] = crossfit(make, oof, y, n_classes, folds)
+        scored = ~np.isnan(probs).any(axis=1)
+        pred = probs[scored].argmax(axis=1)
+        scores[name] = {
+            "macro_f1": float(f1_score(y[scored], pred, average="macro", labels=range(n_classes), zero_division=0)),
+            "log_loss": float(log_loss(y[scored], np.clip(probs[scored], 1e-12, 1), labels=range(n_classes))),
+        }
+    best = max(scores, key=lambda n: scores[n]["macro_f1"])  # max keeps the first of exact ties
+    chosen = candidates(voters, base.rare, base)[best]().fit(oof, y, n_classes)
+    return Selection(chosen, best, fits[best], scores)
+
+
+def crossfit(
+    make: Callable[[], Stacker], oof: Mapping[str, Array], y: Labels, n_classes: int, folds: NDArray[np.int64]
+) -> tuple[Array, list[Stacker]]:
+    """Out-of-fold combined probabilities (NaN rows where no voter voted) and the per-fold fits."""
+    n = len(y)
+    out = np.full((n, n_classes), np.nan)
+    fitted = []
+    voted = np.zeros(n, dtype=bool)
+    for p in oof.values():
+        voted |= has_opinion(p)
+    for f in np.unique(folds):
+        held = folds == f
+        model = make().fit({v: p[~held] for v, p in oof.items()}, y[~held], n_classes)
+        rows = held & voted
+        if rows.any():
+            out[rows] = model.predict_proba({v: p[rows] for v, p in oof.items()})
+        fitted.append(model)
+    return out, fitted
