@@ -75,6 +75,14 @@ class CascadeConfig(BaseModel):
         return [v for tier in self.tiers for v in tier.voters]
 
 
+class Budget(BaseModel):
+    """What the deployment may spend per text; the trainer picks which voters run on every text within it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cpu_ms_per_text: float = Field(gt=0, description="Mean CPU-ms per text of all voters together (on 2 cores).")
+
+
 class ConformalConfig(BaseModel):
     """All of `conformal.yaml`."""
 
@@ -95,6 +103,11 @@ class ConformalConfig(BaseModel):
     )
     risk: RiskConfig = Field(default_factory=RiskConfig)
     cascade: CascadeConfig = Field(default_factory=CascadeConfig)
+    budget: Budget | None = Field(
+        None,
+        description="With a budget, training promotes cascade tiers (cheapest first) to every-text voters while "
+        "that certifies more coverage within the budget; without one, the cascade stays as configured.",
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> ConformalConfig:

@@ -31,6 +31,7 @@ from scipy.stats import binom, poisson
 Array = NDArray[np.float64]
 Mask = NDArray[np.bool_]
 NEVER = 2.0  # a threshold above every probability: never answer / never escalate
+OVERCONFIDENCE = 2.0  # the chain's start assumes this many times the errors the confidences predict
 FRONTIER_TARGETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2)
 
 
@@ -228,8 +229,8 @@ def _lambda_chain(stage: Stage, start: int, size: int, target: float | None = No
 
     The order uses no label, so it costs no multiplicity. With a `target`, it starts where certification is
     most likely: the count c of most confident texts with the highest chance to pass, the chance that the
-    errors — Poisson with the *expected* count, the sum of 1 − confidence (the combined probabilities are
-    calibrated) — stay within the most a passing test at c allows. Never below `start`, the smallest count
+    errors — Poisson with a pessimistic *expected* count, 1 + 2 × the sum of 1 − confidence — stay within
+    the most a passing test at c allows. Never below `start`, the smallest count
     that could pass at all. A chain started at the very most confident texts ends at the first confidently
     wrong text among them; started where passing is likely, one early mistake is diluted.
     """
@@ -241,7 +242,9 @@ def _lambda_chain(stage: Stage, start: int, size: int, target: float | None = No
         counts = np.arange(start, len(conf) + 1)
         allowed = binom.ppf(level, counts, target)  # the fewest errors whose tail reaches the level…
         allowed -= binom.cdf(allowed, counts, target) > level  # …less one unless that tail is exactly within it
-        chance = poisson.cdf(allowed, np.cumsum(1.0 - conf)[counts - 1])
+        # tails of combined probabilities run overconfident (2–3× the errors 1 − confidence predicts among the
+        # most confident TREC texts): the start assumes twice the expected errors plus one
+        chance = poisson.cdf(allowed, 1.0 + OVERCONFIDENCE * np.cumsum(1.0 - conf)[counts - 1])
         first = int(counts[int(np.argmax(chance))])
     counts = np.unique(np.linspace(first, len(conf), size).astype(int))
     return np.asarray(np.unique(conf[counts - 1])[::-1], dtype=np.float64)

@@ -23,7 +23,7 @@ import joblib
 import numpy as np
 from flockwatch.arbiter.config import ConformalConfig
 from flockwatch.arbiter.fit import fit_policy
-from flockwatch.arbiter.model import harm_weights
+from flockwatch.arbiter.model import ArbiterPolicy, harm_weights
 from flockwatch.arbiter.select import fold_ids
 from flockwatch.classical_voter.model import ClassicalModel
 from flockwatch.common.artifacts import Manifest, new_version, publish_dir, write_manifest
@@ -35,6 +35,7 @@ from flockwatch.regex_voter.model import RuleEngine
 from flockwatch.regex_voter.rules import load_rules
 from flockwatch.trainer.crossfit import out_of_fold_metrics
 from flockwatch.trainer.evaluate import evaluate
+from flockwatch.trainer.plan import Costs, choose_plan, measure_costs
 from flockwatch.ws_voter.app import save as save_ws
 from flockwatch.ws_voter.lfs import load_lfs
 from flockwatch.ws_voter.model import WSModel
@@ -124,19 +125,30 @@ def train(config: TrainConfig, progress: Progress = lambda _: None) -> Path:
     progress(f"arbiter: combiner chosen on out-of-fold outputs; conformal sets and thresholds {where}")
     version = new_version(config.data.sha256())
     components["classical"] = f"classical-{version}"
-    policy = fit_policy(
-        oof,
-        y_train,
-        None if crossfit else cal,
-        None if crossfit else y_cal,
-        classes,
-        harm_weights(labels),
-        conformal,
-        cal_texts=train_set.texts if crossfit else cal_set.texts,
-        slices=slices,
-        version=f"arbiter-{version}",
-        folds=folds,
-    )
+
+    def fit(plan_config: ConformalConfig) -> ArbiterPolicy:
+        return fit_policy(
+            oof,
+            y_train,
+            None if crossfit else cal,
+            None if crossfit else y_cal,
+            classes,
+            harm_weights(labels),
+            plan_config,
+            cal_texts=train_set.texts if crossfit else cal_set.texts,
+            slices=slices,
+            version=f"arbiter-{version}",
+            folds=folds,
+        )
+
+    costs: Costs = {}
+    if conformal.budget is not None and conformal.cascade.tiers:
+        progress("voters' CPU cost per text, for the plan within the budget")
+        write_manifest(staging, Manifest(name=config.name, version="staging", components=components))
+        costs = measure_costs(staging, train_set.texts)
+    plan = choose_plan(fit, conformal, costs)
+    policy = plan.policy
+    _dump_yaml(plan.config.model_dump(exclude_none=True), staging / "conformal.yaml")  # as deployed
     components["arbiter"] = policy.version
     (staging / "arbiter.json").write_text(json.dumps(policy.to_dict(), indent=1), encoding="utf-8")
     joblib.dump(policy.sets, staging / "conformal.joblib")
