@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal, cast
 
 from flockwatch.common import heap, telemetry, topics
-from flockwatch.common.artifacts import ArtifactError, check_announced
+from flockwatch.common.artifacts import ArtifactError, check_announced, load_json
 from flockwatch.common.bus import Bus
 from flockwatch.common.events import ModelPublished, TextSubmitted, Vote, VoteRequested
 from flockwatch.common.settings import CommonSettings
@@ -53,17 +53,23 @@ class VoterService(Service):
     """Votes on batches of texts with one vectorized call, reloads on ModelPublished.
 
     mode "always": on every submitted text; "cascade": only on the arbiter's VoteRequested naming one of its
-    voters (an expensive voter asked when the cheap ones are unsure).
+    voters (an expensive voter asked when the cheap ones are unsure); "auto": as the bundle in force says —
+    on every text unless its policy keeps this voter in a cascade tier (training may promote a tier to
+    every text within a CPU budget), and always on requests.
     """
 
-    def __init__(self, bus: Bus, settings: CommonSettings, mode: Literal["always", "cascade"] = "always") -> None:
+    def __init__(
+        self, bus: Bus, settings: CommonSettings, mode: Literal["always", "cascade", "auto"] = "always"
+    ) -> None:
         self.settings = settings
+        self.mode = mode
         self.core: VoterCore | None = None
+        self.every_text = mode != "cascade"  # "auto": set from each bundle on load
         self.expired = 0  # cascade requests that arrived past their deadline (not answered)
         self._cost: tuple[VoterCore, float] | None = None  # a core's smoothed ms per text (unknown: a thread)
-        if mode == "always":
+        if mode != "cascade":
             bus.subscribe(topics.TEXT_SUBMITTED, TextSubmitted, group=self.name)(self.on_texts)
-        else:
+        if mode != "always":
             bus.subscribe(topics.VOTE_REQUESTED, VoteRequested, group=self.name)(self.on_requests)
         bus.subscribe(topics.MODEL_PUBLISHED, ModelPublished, group=self.name, broadcast=True)(self.on_model)
 
@@ -73,21 +79,22 @@ class VoterService(Service):
 
     async def start(self) -> None:
         self.core = await asyncio.to_thread(self.load, self.settings.model_dir)
-        self._announce()
+        self._announce(self.settings.model_dir)
 
-    def _announce(self) -> None:
+    def _announce(self, model_dir: Path) -> None:
         if self.core is None:
-            log.warning(
-                "%s: the bundle in %s has nothing for this voter; it will not vote", self.name, self.settings.model_dir
-            )
+            log.warning("%s: the bundle in %s has nothing for this voter; it will not vote", self.name, model_dir)
             return
-        log.info("%s: loaded %s (%s)", self.name, self.core.version, ", ".join(self.core.voters))
+        if self.mode == "auto":
+            self.every_text = not set(self.core.voters) & cascade_voters(model_dir)
+        when = "every text" if self.every_text else "when the arbiter asks"
+        log.info("%s: loaded %s (%s), votes on %s", self.name, self.core.version, ", ".join(self.core.voters), when)
         telemetry.set_model_version(self.name, self.core.version)
 
     async def on_texts(self, msgs: list[TextSubmitted]) -> list[Vote]:
-        """Vote on a batch of texts."""
+        """Vote on a batch of texts (in "auto" mode only while the bundle runs this voter on every text)."""
         core = self.core
-        if core is None:
+        if core is None or not self.every_text:
             return []
         return await self._vote(core, msgs)
 
@@ -140,6 +147,15 @@ class VoterService(Service):
             except (ArtifactError, OSError, ValueError, TypeError) as exc:
                 log.error("%s: refused model %s from %s: %s", self.name, msg.version, msg.path, exc)
                 continue
-            self._announce()
+            self._announce(Path(msg.path))
             heap.settle()  # the old model collected, the new one frozen
         return []
+
+
+def cascade_voters(model_dir: Path) -> set[str]:
+    """The voters a bundle's arbiter asks only on escalation (its policy's cascade tiers; none if unreadable)."""
+    try:
+        tiers = load_json(model_dir, "arbiter.json")["config"]["cascade"]["tiers"]
+        return {str(v) for tier in tiers for v in tier["voters"]}
+    except (ArtifactError, OSError, KeyError, TypeError, ValueError):
+        return set()

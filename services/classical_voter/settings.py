@@ -10,9 +10,10 @@ from pydantic import Field
 class EmbeddingSettings(CommonSettings):
     """When the embedding voter votes, and how it embeds."""
 
-    embedding_mode: Literal["cascade", "always"] = Field(
-        "cascade",
-        description="cascade: vote only when the arbiter asks (VoteRequested naming the voter); always: every text.",
+    embedding_mode: Literal["cascade", "always", "auto"] = Field(
+        "auto",
+        description="auto: as the bundle's policy says (a cascade tier, or every text); cascade: vote only when "
+        "the arbiter asks (VoteRequested naming the voter); always: every text.",
     )
     embedding_encoder: Path | None = Field(
         None,

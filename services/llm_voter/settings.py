@@ -23,8 +23,10 @@ class LLMSettings(CommonSettings):
     llm_base_model: Path | None = Field(
         None, description="The base model folder (transformers backend); default: the one recorded in llm.json."
     )
-    llm_mode: Literal["cascade", "always"] = Field(
-        "cascade", description="cascade: vote only when the arbiter asks (VoteRequested); always: on every text."
+    llm_mode: Literal["cascade", "always", "auto"] = Field(
+        "auto",
+        description="auto: as the bundle's policy says (asked in a cascade tier, or on every text); cascade: vote "
+        "only when the arbiter asks (VoteRequested); always: on every text.",
     )
     llm_batch_size: int = Field(16, ge=1, le=512, description="Texts per forward pass (transformers backend).")
     llm_bf16: bool | None = Field(None, description="bf16 autocast on CPU; default: as trained (llm.json).")
