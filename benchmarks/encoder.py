@@ -8,9 +8,11 @@ set and depth (transformer layers kept), a FineTunedEncoder is fine-tuned on the
 weights cached under --work so a rerun only measures) and scored on the 40 %:
 - backends: torch fp32, torch fp32 with the weights rounded through fp16 (as stored), torch dynamic int8
   (Linear layers), ONNX Runtime fp32 and int8 (dynamic) when `onnxruntime` and `onnx` are installed;
-- macro-F1 and CPU-ms per text (process CPU time of the predict call, tokenizing included; all texts once,
-  in calls of `batch` texts, each call length-sorted) at 1 and 2 threads, batch 32 and 256, max_length 64
-  and 32 (inference truncation).
+- macro-F1 on the whole 40 % (1 thread, calls of 256 texts, forward passes of 32) and CPU-ms per text
+  (process CPU time of the predict call, tokenizing included; each call sorted by length, then cut into
+  forward passes) for each (threads, texts per call, texts per forward pass) of PLAN on 512 test texts, at
+  max_length 64 and 32 (inference truncation; the models are trained at 64).
+`--parallel-check N`: the same small cross-fit in spawned one-thread processes vs in-process with 2 threads.
 `--crossfit NAME` runs the trainer's entry point (`train_embedding(..., finetune=FinetuneConfig(...))`) on the
 60 % with each `--cv` plan, and scores its final model on the 40 %: wall time per fold and final, OOF quality.
 The box's load average is recorded with every timing: CPU-ms grow when other processes share the cores.
@@ -37,8 +39,12 @@ from sklearn.metrics import f1_score
 from sklearn.model_selection import train_test_split
 
 ROOT = Path(__file__).resolve().parents[1]
+# (threads, texts per call, texts per forward pass); the first also gives macro-F1 on the whole test file
+PLAN = ((1, 256, 32), (1, 256, 128), (1, 32, 32), (2, 256, 32), (2, 32, 32))
 CV_PLANS = {  # name → FinetuneConfig fields; the trainer's default first
     "default": {},
+    "fold_epochs_2": {"fold_epochs": 2},
+    "two_folds": {"folds": 2},
     "sequential": {"parallel": False, "threads": 2},
 }
 
@@ -156,36 +162,35 @@ def backends(model: FineTunedEncoder, work: Path) -> dict[str, Any]:
     return out
 
 
-def measure(name: str, layers: int, work: Path) -> dict[str, Any]:
-    """Fine-tune (or load) one model and score every backend, thread count, batch and max_length."""
+def measure(name: str, layers: int, work: Path, timing_texts: int = 512) -> dict[str, Any]:
+    """Fine-tune (or load) one model; per backend and max_length: macro-F1 on the whole test file (PLAN[0],
+    timed too), then CPU-ms per text for the rest of PLAN on `timing_texts` texts."""
     train, test = load_split(name)
     model, report = trained(name, layers, train, work)
+    model.threads = None  # set per measurement, process-wide: switching it on every call doubles the cost
     texts, labels = test["text"].tolist(), test["label"]
+    subset = test.sample(min(timing_texts, len(test)), random_state=0)["text"].tolist()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for backend, predictor in backends(model, Path(tmp)).items():
+            target = predictor.model if isinstance(predictor, OrtModel) else predictor
             for max_length in (64, 32):
-                for threads in (1, 2):
+                target.max_length = max_length
+                for threads, batch, forward in PLAN:
                     torch.set_num_threads(threads)
                     if isinstance(predictor, OrtModel):
                         predictor.threads(threads)
-                    for batch in (32, 256):
-                        target = predictor.model if isinstance(predictor, OrtModel) else predictor
-                        target.max_length, target.infer_batch_size = max_length, min(batch, 128)
-                        load = os.getloadavg()[0]
+                    target.infer_batch_size = forward
+                    load = os.getloadavg()[0]
+                    row: dict[str, Any] = {"backend": backend, "max_length": max_length, "threads": threads}
+                    if (threads, batch, forward) == PLAN[0]:
                         logits, cpu_ms = timed(predictor.predict_logits, texts, batch)
-                        rows.append(
-                            {
-                                "backend": backend,
-                                "max_length": max_length,
-                                "threads": threads,
-                                "batch": batch,
-                                "macro_f1": macro_f1(model.classes_, logits, labels),
-                                "cpu_ms_per_text": cpu_ms,
-                                "load": round(load, 2),
-                            }
-                        )
-                        print(name, f"L{layers}", rows[-1], flush=True)
+                        row["macro_f1"] = macro_f1(model.classes_, logits, labels)
+                    else:
+                        cpu_ms = timed(predictor.predict_logits, subset, batch)[1]
+                    row.update(batch=batch, forward=forward, cpu_ms_per_text=cpu_ms, load=round(load, 2))
+                    rows.append(row)
+                    print(name, f"L{layers}", rows[-1], flush=True)
     return {"data": name, "layers": layers, "n_train": len(train), "n_test": len(test), "train": report, "rows": rows}
 
 
@@ -217,6 +222,39 @@ def crossfit(name: str, plan: str, work: Path) -> dict[str, Any]:
     return result
 
 
+def parallel_check(name: str, n: int) -> dict[str, Any]:
+    """Wall time of the same small cross-fit (1 epoch, 3 folds + final on `n` train texts): in spawned one-thread
+    processes side by side, against one after another in this process with 2 threads."""
+    from flockwatch.classical_voter.encoder import packaged_minilm
+    from flockwatch.classical_voter.finetune_cv import cross_fit
+
+    train, _ = load_split(name)
+    train = train.iloc[:n]
+    walls: dict[str, Any] = {}
+    for plan, fields in {"parallel_1_thread": {}, "sequential_2_threads": {"parallel": False, "threads": 2}}.items():
+        load, start = os.getloadavg()[0], time.perf_counter()
+        fit = cross_fit(
+            FinetuneConfig(epochs=1, **fields), train["text"].tolist(), train["label"].tolist(), packaged_minilm()
+        )
+        walls[plan] = {"wall_s": round(time.perf_counter() - start, 1), "fits": fit.seconds, "load": round(load, 2)}
+        print(name, plan, walls[plan], flush=True)
+    return {"data": name, "n": n, "epochs": 1, "folds": 3, **walls}
+
+
+def summarize(models: dict[str, Any], tolerance: float = 0.005) -> dict[str, Any]:
+    """Per model: each backend's macro-F1 and CPU-ms (PLAN[0], max_length 64), and the fastest
+    backend whose macro-F1 is within `tolerance` of fp32's."""
+    out: dict[str, Any] = {}
+    for key, model in models.items():
+        rows = [r for r in model["rows"] if "macro_f1" in r and r["max_length"] == 64]
+        by_backend = {r["backend"]: {"macro_f1": r["macro_f1"], "cpu_ms_per_text": r["cpu_ms_per_text"]} for r in rows}
+        reference = by_backend["torch_fp32"]["macro_f1"]
+        equal = {b: v for b, v in by_backend.items() if v["macro_f1"] >= reference - tolerance}
+        fastest = min(equal, key=lambda b: equal[b]["cpu_ms_per_text"])
+        out[key] = {"backends": by_backend, "fastest_at_equal_f1": fastest, "train_wall_s": model["train"]["wall_s"]}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "encoder.json")
@@ -224,6 +262,9 @@ def main() -> None:
     parser.add_argument("--layers", nargs="*", type=int, default=[6, 3])
     parser.add_argument("--crossfit", nargs="*", default=[], help="data sets to run the trainer's cross-fit on")
     parser.add_argument("--cv", nargs="*", default=list(CV_PLANS), choices=list(CV_PLANS))
+    parser.add_argument(
+        "--parallel-check", type=int, default=0, help="train texts for the parallel-vs-sequential check"
+    )
     parser.add_argument("--work", type=Path, default=ROOT / ".cache" / "bench-encoder")
     args = parser.parse_args()
     result: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
@@ -232,6 +273,12 @@ def main() -> None:
         for layers in args.layers:
             result.setdefault("models", {})[f"{name}-L{layers}"] = measure(name, layers, args.work)
             args.out.write_text(json.dumps(result, indent=1))  # after each model: a long run keeps what it has
+    if result.get("models"):
+        result["summary"] = summarize(result["models"])
+        args.out.write_text(json.dumps(result, indent=1))
+    if args.parallel_check:
+        result["parallel_check"] = parallel_check(args.datasets[0], args.parallel_check)
+        args.out.write_text(json.dumps(result, indent=1))
     for name in args.crossfit:
         for plan in args.cv:
             result.setdefault("crossfit", {})[f"{name}-{plan}"] = crossfit(name, plan, args.work)

@@ -44,6 +44,7 @@ if TYPE_CHECKING:  # torch loads only when a fine-tuned encoder is trained or lo
 ARTIFACT = "embedding.joblib"  # the frozen encoder's fitted head only
 INFO = "embedding.json"  # voter name, kind, classes, calibration, and the encoder (name, path, sha256, package)
 WEIGHTS = "embedding.safetensors"  # a fine-tuned encoder and its linear head (no pickle)
+FROZEN_BATCH = 32  # texts per forward pass of a frozen sentence-transformers encoder, unless configured
 LOGITS_PER_CALL = 256  # texts per call of a fine-tuned encoder (each call sorts by length, then forward passes)
 
 
@@ -104,7 +105,8 @@ def load_core(
     if previous is not None and previous.encoder_sha256 == record["sha256"] and settings.embedding_encoder is None:
         encoder = previous.model.encoder
     else:
-        embed = load_sentence_encoder(locate(record, settings.embedding_encoder), settings.embedding_batch_size)
+        folder = locate(record, settings.embedding_encoder)
+        embed = load_sentence_encoder(folder, settings.embedding_batch_size or FROZEN_BATCH)
         encoder = CachedEncoder(embed, cache_size=settings.embedding_cache_size)
     model = EmbeddingModel(encoder, head, info["voter"])
     return EmbeddingCore(model, manifest.components.get(model.voter, manifest.version), record["sha256"])
@@ -144,7 +146,11 @@ def _verified_bytes(model_dir: Path, manifest: Manifest, rel: str) -> bytes:
 
 
 def _load_finetuned(
-    model_dir: Path, manifest: Manifest, info: dict[str, Any], settings: EmbeddingSettings, previous: Any
+    model_dir: Path,
+    manifest: Manifest,
+    info: dict[str, Any],
+    settings: EmbeddingSettings,
+    previous: EmbeddingCore | None,
 ) -> EmbeddingCore:
     """A fine-tuned bundle part: weights verified, rebuilt on the recorded base encoder, int8 as configured."""
     from flockwatch.classical_voter.finetune import FineTunedEncoder
@@ -152,12 +158,13 @@ def _load_finetuned(
 
     tensors = load(_verified_bytes(model_dir, manifest, WEIGHTS))
     quantize = info["serve"]["quantize"] if settings.embedding_quantize is None else settings.embedding_quantize
-    identity = f"{manifest.files[WEIGHTS]}:{'int8' if quantize else 'fp32'}:{settings.embedding_batch_size}"
-    if isinstance(previous, EmbeddingCore) and previous.encoder_sha256 == identity and not settings.embedding_encoder:
+    batch = settings.embedding_batch_size or int(info["params"]["infer_batch_size"])
+    identity = f"{manifest.files[WEIGHTS]}:{'int8' if quantize else 'fp32'}:{batch}"
+    if previous is not None and previous.encoder_sha256 == identity and settings.embedding_encoder is None:
         encoder = previous.model.encoder
     else:
         net = FineTunedEncoder.from_state(tensors, info, locate(info["encoder"], settings.embedding_encoder))
-        net.infer_batch_size = settings.embedding_batch_size
+        net.infer_batch_size = batch
         if quantize:
             net.quantize()
         encoder = CachedEncoder(net.predict_logits, LOGITS_PER_CALL, cache_size=settings.embedding_cache_size)

@@ -63,7 +63,7 @@ class FinetuneConfig(BaseModel):
 class _Net(torch.nn.Module):
     """Encoder → mean of the unpadded token states → linear head (logits)."""
 
-    def __init__(self, backbone: torch.nn.Module, k: int) -> None:
+    def __init__(self, backbone: Any, k: int) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = torch.nn.Linear(int(backbone.config.hidden_size), k)
@@ -115,6 +115,9 @@ def fit_temperature(logits: NDArray[Any], y: NDArray[np.int64]) -> float:
 class FineTunedEncoder(BaseEstimator):  # type: ignore[misc,unused-ignore]  # sklearn is untyped
     """The packaged MiniLM (or `encoder`, a local folder) fine-tuned end to end with a linear head."""
 
+    net_: torch.nn.Module  # encoder + head (set by fit or from_state)
+    tokenizer_: Any
+
     def __init__(
         self,
         epochs: int = 3,
@@ -125,7 +128,7 @@ class FineTunedEncoder(BaseEstimator):  # type: ignore[misc,unused-ignore]  # sk
         threads: int | None = None,
         layers: int | None = None,
         encoder: Path | None = None,
-        infer_batch_size: int = 128,
+        infer_batch_size: int = 32,
     ) -> None:
         self.epochs = epochs
         self.lr = lr

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flockwatch.classical_voter.finetune import FinetuneConfig, FineTunedEncoder, fit_temperature
+from flockwatch.classical_voter.finetune import FinetuneConfig, FineTunedEncoder
 from flockwatch.classical_voter.model import TrainingDataError, check_training
 from numpy.typing import NDArray
 from sklearn.model_selection import StratifiedKFold
@@ -36,6 +36,11 @@ class CrossFit:
     final: FineTunedEncoder
     seconds: dict[str, float] = field(default_factory=dict)
     workers: int = 1
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which a container may narrow), at least 1."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def fold_assignment(labels: Sequence[str], folds: int, seed: int) -> NDArray[np.int64]:
@@ -85,7 +90,7 @@ def cross_fit(
     for fold in range(config.folds):
         train, held = fold_of != fold, fold_of == fold
         tasks[fold] = (text_arr[train].tolist(), label_arr[train].tolist(), text_arr[held].tolist(), fold_epochs)
-    workers = min(os.cpu_count() or 1, len(tasks)) if config.parallel else 1
+    workers = min(usable_cpus(), len(tasks)) if config.parallel else 1
     start = time.perf_counter()
     results = _run(config, encoder, tasks, workers, progress)
     oof = np.full((len(texts), len(classes)), np.nan, dtype=np.float32)
@@ -100,8 +105,7 @@ def cross_fit(
     assert final is not None  # the FINAL task always returns its model
     if final.classes_ != classes:
         raise TrainingDataError(f"the final model's classes {final.classes_} differ from the data's {classes}")
-    index = {c: i for i, c in enumerate(classes)}
-    final.temperature_ = fit_temperature(oof, np.array([index[label] for label in labels], dtype=np.int64))
+    final.calibrate(oof, labels)  # one temperature for every row: fitted on the pooled out-of-fold logits
     seconds["total"] = round(time.perf_counter() - start, 1)
     return CrossFit(classes, fold_of, oof, final.temperature_, final, seconds, workers)
 

@@ -19,8 +19,12 @@ class EmbeddingSettings(CommonSettings):
         None,
         description="The sentence-transformers folder; default: the one the bundle records (same sha256 required).",
     )
-    embedding_batch_size: int = Field(
-        32, ge=1, le=1024, description="Texts per encoder forward pass (each handler batch is sorted by length first)."
+    embedding_batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Texts per encoder forward pass (each handler batch is sorted by length first); None: 32 for "
+        "a frozen encoder, the bundle's (32) for a fine-tuned one.",
     )
     embedding_cache_size: int = Field(
         20_000, ge=0, description="Embeddings kept by text hash (LRU; 0: no cache); ≈ 1.5 KB each for MiniLM."

@@ -60,7 +60,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, data_files: dict[str, Path
 
 @pytest.fixture(scope="module")
 def core(trained: tuple[Path, EmbeddingFit, list]) -> EmbeddingCore:
-    loaded = load_core(trained[0], EmbeddingSettings(_env_file=None, embedding_batch_size=128))
+    loaded = load_core(trained[0], EmbeddingSettings(_env_file=None))
     assert loaded is not None
     return loaded
 
