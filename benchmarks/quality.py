@@ -64,6 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-baseline-cert", action="store_true", help="skip the baseline's certified coverage")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (splits, bundles, logs)")
     ap.add_argument("--work", type=Path, help="the work folder (default: a new temporary one)")
+    ap.add_argument("--conformal", type=Path, default=CONFORMAL, help="the conformal.yaml (risk target) used")
     ap.add_argument("--out", type=Path, default=RESULTS / "quality.json")
     args = ap.parse_args(argv)
     args.jobs = max(1, min(args.jobs, os.cpu_count() or 1))
@@ -97,13 +98,14 @@ def plan(args: argparse.Namespace, sets: dict[str, Path], work: Path) -> tuple[l
             split = write_split(df, seed, work / name / f"seed{seed}")
             variants = list(args.variants) if seed in args.seeds else []
             variants += ["default"] if seed < args.validity and "default" not in variants else []
-            jobs.append(Job("baseline", name, seed, "", split, threads=threads, certify=not args.no_baseline_cert))
+            certify, conformal = not args.no_baseline_cert, args.conformal
+            jobs.append(Job("baseline", name, seed, "", split, threads=threads, certify=certify, conformal=conformal))
             for variant in variants:
                 flags = variant_flags(variant, name, finetune)
                 if isinstance(flags, str):
                     skipped.append({"set": name, "seed": seed, "variant": variant, "skipped": flags})
                 else:
-                    jobs.append(Job("ensemble", name, seed, variant, split, flags, threads))
+                    jobs.append(Job("ensemble", name, seed, variant, split, flags, threads, conformal=args.conformal))
     order = {"finetune": 0, "rules": 1, "default": 2, "": 3}
     return sorted(jobs, key=lambda job: order[job.variant]), skipped
 
@@ -234,7 +236,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['jobs']} job(s) at once, {report['wall_s'] / 60:.1f} min. "
         f"Stratified 60/40 splits{f', seeds {seeds}' if seeds else ''}; "
         f"risk target {risk['target']:g}, δ {risk['delta']:g} "
-        "(benchmarks/quality_conformal.yaml). F1 is macro-F1 on test.csv; the ensemble's is forced (every text "
+        f"({report['config']['conformal_file']}). F1 is macro-F1 on test.csv; the ensemble's is forced (every text "
         "answered). Coverage and selective error: the ensemble's answered share of test.csv and its error there; "
         "baseline cov./err.: the baseline's scores under the same learn-then-test on its 5-fold out-of-fold "
         "scores. Best voter: the best of the voters that voted on every test text. CPU-ms per text: "
@@ -283,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs, skipped = plan(args, sets, work)
     print(f"{len(jobs)} jobs, {args.jobs} at once, in {work}", flush=True)
     rows = rows_of(execute(jobs, args.jobs), skipped)
-    conformal = yaml.safe_load(CONFORMAL.read_text())
+    conformal = yaml.safe_load(args.conformal.read_text())
     commit, dirty = git_state()
     report = {
         "benchmark": "quality",
@@ -299,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             "variants": args.variants,
             "validity": args.validity,
             "conformal": conformal,
+            "conformal_file": str(args.conformal),
             "baseline_cert": not args.no_baseline_cert,
         },
         "summary": summarize(rows, args.seeds),

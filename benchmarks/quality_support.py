@@ -35,6 +35,7 @@ class Job:
     flags: tuple[str, ...] = ()
     threads: int = 1
     certify: bool = True  # baseline: also the coverage certified with the ensemble's statistics
+    conformal: Path = CONFORMAL  # the conformal.yaml both are certified with
 
 
 def load_set(path: Path) -> pd.DataFrame:
@@ -95,19 +96,21 @@ def run_baseline(job: Job) -> dict[str, Any]:
         out["baseline_ece"] = expected_calibration_error(p, y_test)
         if job.certify:
             try:
-                out |= _certify(texts, y, p, y_test, job.seed)
+                out |= _certify(texts, y, p, y_test, job.seed, job.conformal)
             except Exception as exc:  # the arbiter's API is changing; the rest of the row still counts
                 out["baseline_cert_error"] = f"{type(exc).__name__}: {exc}"
     return out
 
 
-def _certify(texts: np.ndarray, y: np.ndarray, p: np.ndarray, y_test: np.ndarray, seed: int) -> dict[str, Any]:
+def _certify(
+    texts: np.ndarray, y: np.ndarray, p: np.ndarray, y_test: np.ndarray, seed: int, conformal: Path
+) -> dict[str, Any]:
     """The arbiter's learn-then-test on the baseline's 5-fold out-of-fold scores; its threshold applied to test."""
     from flockwatch.arbiter.config import ConformalConfig
     from flockwatch.arbiter.risk import Stage, choose_thresholds
     from sklearn.model_selection import StratifiedKFold
 
-    risk, k = ConformalConfig.load(CONFORMAL).risk, p.shape[1]
+    risk, k = ConformalConfig.load(conformal).risk, p.shape[1]
     oof = np.zeros((len(y), k))
     for fit, held in StratifiedKFold(5, shuffle=True, random_state=seed).split(texts, y):
         oof[held] = _proba(baseline_model().fit(texts[fit], y[fit]), texts[held], k)
@@ -162,7 +165,7 @@ def run_ensemble(job: Job) -> dict[str, Any]:
     env = {**os.environ, **dict.fromkeys(THREAD_VARS, str(job.threads)), "COLUMNS": "160", "NO_COLOR": "1"}
     models, split = work / "models", job.split
     train = [FLOCKWATCH, "train", "--data", str(split / "train.csv"), "--out", str(models), *job.flags]
-    train_s = _call([*train, "--conformal", str(CONFORMAL)], env, work / "train.log", work)
+    train_s = _call([*train, "--conformal", str(job.conformal)], env, work / "train.log", work)
     evaluate = [FLOCKWATCH, "eval", "--models", str(models / "current"), "--data", str(split / "test.csv")]
     eval_s = _call([*evaluate, "--out", str(work / "eval"), "--all"], env, work / "eval.log", work)
     metrics = read_metrics(work / "eval" / "metrics.json", models / "current" / "metrics.json")

@@ -2,8 +2,9 @@
 
     python benchmarks/throughput.py --models models/sms/current --out benchmarks/results/throughput.json
 
-Services (regex, classical and ws voters, the arbiter, the gateway; with `--cascade`, also the embedding voter
-in cascade mode) run over Redis Streams in two topologies: one process per service (`redis`), and the voters
+Services (regex, classical and ws voters, the arbiter, the gateway; with `--embedding`, also the embedding
+voter, on every text or as a cascade tier as the bundle's policy says, its embedding cache off) run over Redis
+Streams in two topologies: one process per service (`redis`), and the voters
 co-hosted in one process that reads each text once (`redis_cohosted`: `flockwatch serve regex_voter
 classical_voter ws_voter`, see `Bus.cohost`), the arbiter and the gateway one process each; then all in one
 process on the in-process bus (embedded). Phases, each reported with the machine's CPU use by other processes
@@ -48,6 +49,8 @@ REDIS = "redis://127.0.0.1:6379/6"
 HOST = "127.0.0.1"
 TEXT_ID = re.compile(rb'"text_id":"([^"]*)"')
 TARGETS = {"low_load_p95_ratio_max": 3.0, "closed_loop_texts_per_s_min": 1500, "open_loop_rps_at_p95_under_50ms": 800}
+# with the fine-tuned encoder voting on every text (issue 18): the closed loop and p95 at 200 req/s
+ENCODER_TARGETS = {"closed_loop_texts_per_s_min": 500, "open_loop_rps_at_p95_under_50ms": 200}
 
 
 class CpuWatch:
@@ -317,9 +320,9 @@ async def pipeline(
 TOPOLOGIES = {"redis": "one process per service", "redis_cohosted": "voters co-hosted in one process"}
 
 
-def services(cascade: bool, cohosted: bool = False) -> list[list[str]]:
+def services(embedding: bool, cohosted: bool = False) -> list[list[str]]:
     voters = [["regex_voter"], ["classical_voter"], ["ws_voter"]]
-    if cascade:
+    if embedding:
         voters.append(["embedding_voter"])
     if cohosted:
         voters = [[name for group in voters for name in group]]
@@ -331,7 +334,7 @@ async def over_redis(
 ) -> dict[str, Any]:
     redis.Redis.from_url(REDIS).flushdb()
     port = free_port()
-    workers = services(args.cascade, cohosted)
+    workers = services(args.embedding, cohosted)
     procs = launch([*workers, ["gateway", "--port", str(port)]], env, logs)
     try:
         wait_ready(logs, [f"{i}-{w[0]}.log" for i, w in enumerate(workers)])
@@ -377,7 +380,7 @@ async def wait_http(port: int, timeout: float = 120) -> None:
             await asyncio.sleep(0.2)
 
 
-def verdict(results: dict[str, Any]) -> dict[str, Any]:
+def verdict(results: dict[str, Any], targets: dict[str, Any] = TARGETS) -> dict[str, Any]:
     """Each topology's figures against the targets."""
     out: dict[str, Any] = {}
     for topology in [t for t in TOPOLOGIES if t in results]:
@@ -392,7 +395,7 @@ def verdict(results: dict[str, Any]) -> dict[str, Any]:
             "closed_loop_texts_per_s": redis_run["closed_loop_batch"]["texts_per_s"],
             "best_open_loop_accepted_per_s_with_p95_under_50ms": max(good, default=0),
         }
-    return {**out, "targets": TARGETS}
+    return {**out, "targets": targets}
 
 
 def main() -> None:
@@ -405,7 +408,13 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[2, 4, 8], help="closed-loop batch clients (each)")
     parser.add_argument("--rates", type=int, nargs="+", default=[200, 400, 600, 800, 1200, 1600])
     parser.add_argument("--topologies", nargs="+", choices=list(TOPOLOGIES), default=list(TOPOLOGIES))
-    parser.add_argument("--cascade", action="store_true", help="also run the embedding voter in cascade mode")
+    parser.add_argument(
+        "--embedding",
+        "--cascade",
+        dest="embedding",
+        action="store_true",
+        help="also run the embedding voter (on every text or in the cascade, as the bundle says)",
+    )
     parser.add_argument("--max-in-flight", type=int, default=None, help="FLOCKWATCH_GATEWAY_MAX_IN_FLIGHT")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/throughput.json"))
     args = parser.parse_args()
@@ -420,6 +429,8 @@ def main() -> None:
         # the texts repeat (the SMS test split, cycled): the prediction cache would answer them without the
         # pipeline; benchmarks/cache.py measures the cache
         "FLOCKWATCH_GATEWAY_CACHE": "false",
+        # likewise the embedding voter's cache by text hash would skip the encoder on every repeat
+        "FLOCKWATCH_EMBEDDING_CACHE_SIZE": "0",
     }
     if args.max_in_flight:
         env["FLOCKWATCH_GATEWAY_MAX_IN_FLIGHT"] = str(args.max_in_flight)
@@ -431,14 +442,14 @@ def main() -> None:
         cohosted = topology == "redis_cohosted"
         results[topology] = asyncio.run(over_redis({**env, "FLOCKWATCH_BUS_URL": REDIS}, logs, texts, args, cohosted))
     results["embedded"] = asyncio.run(embedded({**env, "FLOCKWATCH_BUS_URL": "memory://"}, logs, texts, args))
-    results["verdict"] = verdict(results)
+    results["verdict"] = verdict(results, ENCODER_TARGETS if args.embedding else TARGETS)
     results["machine"] = {
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "when": time.strftime("%F %T"),
         "loadgen": "benchmarks/loadgen.py in the benchmark process (raw asyncio HTTP/1.1, uvloop), same cores",
     }
-    results["cascade"] = args.cascade
+    results["embedding"] = args.embedding
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     print(json.dumps(results["verdict"], indent=1))
