@@ -19,6 +19,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -65,6 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--keep", action="store_true", help="keep the work folder (splits, bundles, logs)")
     ap.add_argument("--work", type=Path, help="the work folder (default: a new temporary one)")
     ap.add_argument("--conformal", type=Path, default=CONFORMAL, help="the conformal.yaml (risk target) used")
+    ap.add_argument("--train-flags", default="", help="more `flockwatch train` flags for every ensemble run")
     ap.add_argument("--out", type=Path, default=RESULTS / "quality.json")
     args = ap.parse_args(argv)
     args.jobs = max(1, min(args.jobs, os.cpu_count() or 1))
@@ -105,6 +107,7 @@ def plan(args: argparse.Namespace, sets: dict[str, Path], work: Path) -> tuple[l
                 if isinstance(flags, str):
                     skipped.append({"set": name, "seed": seed, "variant": variant, "skipped": flags})
                 else:
+                    flags = (*flags, *shlex.split(args.train_flags))
                     jobs.append(Job("ensemble", name, seed, variant, split, flags, threads, conformal=args.conformal))
     order = {"finetune": 0, "rules": 1, "default": 2, "": 3}
     return sorted(jobs, key=lambda job: order[job.variant]), skipped
@@ -302,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             "validity": args.validity,
             "conformal": conformal,
             "conformal_file": str(args.conformal),
+            "train_flags": args.train_flags,
             "baseline_cert": not args.no_baseline_cert,
         },
         "summary": summarize(rows, args.seeds),
