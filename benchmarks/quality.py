@@ -69,6 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--train-flags", default="", help="more `flockwatch train` flags for every ensemble run")
     ap.add_argument("--out", type=Path, default=RESULTS / "quality.json")
     args = ap.parse_args(argv)
+    args.conformal = args.conformal.resolve()  # the jobs run in their own folders
     args.jobs = max(1, min(args.jobs, os.cpu_count() or 1))
     if 0 < args.validity < 20:
         print(f"--validity {args.validity}: fewer than 20 splits say little about a δ share", file=sys.stderr)
