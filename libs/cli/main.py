@@ -12,7 +12,7 @@ from flockwatch.cli.asyncapi_cmd import asyncapi
 from flockwatch.cli.kafka_cmd import kafka
 from flockwatch.cli.token_cmd import token_app
 from flockwatch.common.artifacts import ArtifactError
-from flockwatch.common.datasets import DataError, hold_out, prepare_bundled, read_table
+from flockwatch.common.datasets import CALIBRATION_FRACTION, DataError, hold_out, prepare_bundled, read_table
 from flockwatch.common.yamlconfig import ConfigError
 from flockwatch.feedback.cli import feedback_app
 from flockwatch.llm_voter.cli import llm_app, train_lora_cmd
@@ -90,7 +90,9 @@ def train(
     calibration: Annotated[
         str, typer.Option(help="crossfit (every text calibrates, out of fold) or holdout (exact split-conformal)")
     ] = "crossfit",
-    cal_frac: Annotated[float, typer.Option(help="holdout: the share of training texts kept for calibration")] = 0.3,
+    cal_frac: Annotated[
+        float, typer.Option(help="holdout: the share of training texts kept for calibration (the trainer's: 1/3)")
+    ] = CALIBRATION_FRACTION,
     folds: Annotated[int, typer.Option(help="Cross-fitting folds shared by every voter and the combiner")] = 5,
 ) -> None:
     """Train every configured voter and the arbiter on every labeled text; evaluate on --test if given."""

@@ -22,9 +22,12 @@ BUNDLED: dict[str, tuple[str, str]] = {
     ),
 }
 SPLITS = ("train", "calibration", "test")
-# Split by a hash of the normalized text: stable across library versions and machines, and a text that
-# occurs twice can never sit in two splits. 50 % train, 25 % calibration, 25 % test.
-SPLIT_EDGES = (50, 75)
+# Split by salted hashes of the normalized text: stable across library versions and machines, and a text
+# that occurs twice can never sit in two splits. 25 % test, then a third of the rest calibration: the same
+# texts that `flockwatch train --test-frac 0.25 [--calibration holdout --cal-frac 0.3333]` holds out, so a
+# champion trained that way never saw the trainer's gate texts (nor, held out, its calibration texts).
+TEST_FRACTION = 0.25
+CALIBRATION_FRACTION = 1 / 3
 
 
 class DataError(ValueError):
@@ -59,10 +62,16 @@ def normalize(text: str) -> str:
     return " ".join(text.split()).casefold()
 
 
+def _unit(salt: str, text: str) -> float:
+    """A uniform number in [0, 1) from a salted hash of the normalized text."""
+    return int(hashlib.sha256(salt.encode() + b"\x1f" + normalize(text).encode()).hexdigest()[:8], 16) / 16**8
+
+
 def split_of(text: str) -> str:
-    """The fixed split of a text: train, calibration or test."""
-    bucket = int(hashlib.sha256(normalize(text).encode()).hexdigest()[:8], 16) % 100
-    return SPLITS[0] if bucket < SPLIT_EDGES[0] else SPLITS[1] if bucket < SPLIT_EDGES[1] else SPLITS[2]
+    """The fixed split of a text: train, calibration or test (as `hold_out` with "test", then "calibration")."""
+    if _unit("test", text) < TEST_FRACTION:
+        return SPLITS[2]
+    return SPLITS[1] if _unit("calibration", text) < CALIBRATION_FRACTION else SPLITS[0]
 
 
 def hold_out(data: Dataset, fraction: float, salt: str) -> tuple[Dataset, Dataset]:
@@ -75,8 +84,7 @@ def hold_out(data: Dataset, fraction: float, salt: str) -> tuple[Dataset, Datase
     kept: tuple[list[str], list[str]] = ([], [])
     held: tuple[list[str], list[str]] = ([], [])
     for text, label in zip(data.texts, data.labels, strict=True):
-        digest = hashlib.sha256(salt.encode() + b"\x1f" + normalize(text).encode()).hexdigest()
-        side = held if int(digest[:8], 16) / 16**8 < fraction else kept
+        side = held if _unit(salt, text) < fraction else kept
         side[0].append(text)
         side[1].append(label)
     return Dataset(*kept), Dataset(*held)

@@ -159,15 +159,21 @@ def _load_finetuned(
     tensors = load(_verified_bytes(model_dir, manifest, WEIGHTS))
     quantize = info["serve"]["quantize"] if settings.embedding_quantize is None else settings.embedding_quantize
     batch = settings.embedding_batch_size or int(info["params"]["infer_batch_size"])
-    identity = f"{manifest.files[WEIGHTS]}:{'int8' if quantize else 'fp32'}:{batch}"
+    backend = settings.embedding_backend
+    identity = f"{manifest.files[WEIGHTS]}:{backend}:{'int8' if quantize else 'fp32'}:{batch}"
     if previous is not None and previous.encoder_sha256 == identity and settings.embedding_encoder is None:
         encoder = previous.model.encoder
     else:
         net = FineTunedEncoder.from_state(tensors, info, locate(info["encoder"], settings.embedding_encoder))
         net.infer_batch_size = batch
-        if quantize:
+        logits = net.predict_logits
+        if backend == "onnxruntime":
+            from flockwatch.classical_voter.finetune_onnx import OnnxLogits
+
+            logits = OnnxLogits(net, quantize, settings.embedding_threads).predict_logits
+        elif quantize:
             net.quantize()
-        encoder = CachedEncoder(net.predict_logits, LOGITS_PER_CALL, cache_size=settings.embedding_cache_size)
+        encoder = CachedEncoder(logits, LOGITS_PER_CALL, cache_size=settings.embedding_cache_size)
     model = EmbeddingModel(encoder, TemperatureHead(info["classes"], info["temperature"]), info["voter"])
     return EmbeddingCore(model, manifest.components.get(model.voter, manifest.version), identity)
 

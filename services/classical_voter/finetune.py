@@ -204,7 +204,7 @@ class FineTunedEncoder(BaseEstimator):  # type: ignore[misc,unused-ignore]  # sk
     def quantize(self) -> Self:
         """Swap the Linear layers for dynamic int8 ones (inference only: ~2× less CPU per text here)."""
         self._check_fitted()
-        with _quiet():  # the eager quantization API warns that it moves to torchao (not a dependency here)
+        with quiet():  # the eager quantization API warns that it moves to torchao (not a dependency here)
             self.net_ = torch.ao.quantization.quantize_dynamic(self.net_, {torch.nn.Linear}, dtype=torch.qint8)
         self.quantized_ = True
         return self
@@ -229,7 +229,7 @@ class FineTunedEncoder(BaseEstimator):  # type: ignore[misc,unused-ignore]  # sk
         """Rebuild a fitted estimator from saved weights, the info written with them, and the base encoder folder."""
         est = cls(**{**info["params"], "encoder": folder})
         est.classes_ = list(info["classes"])
-        with _quiet():
+        with quiet():
             est._build(folder, len(est.classes_), weights=False)
         est.net_.load_state_dict({name: t.float() for name, t in tensors.items()}, strict=True)
         est.net_.eval()
@@ -277,7 +277,7 @@ class FineTunedEncoder(BaseEstimator):  # type: ignore[misc,unused-ignore]  # sk
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet() -> Iterator[None]:
     """Silence library warnings and load reports that say nothing actionable here."""
     import warnings
 

@@ -40,3 +40,8 @@ class EmbeddingSettings(CommonSettings):
         description="A fine-tuned encoder's Linear layers in dynamic int8 (None: as the bundle was scored at "
         "training time, so the stacker saw the outputs it will get).",
     )
+    embedding_backend: Literal["torch", "onnxruntime"] = Field(
+        "torch",
+        description="What runs a fine-tuned encoder: torch, or ONNX Runtime (exported at load; needs the "
+        "onnxruntime and onnx packages; ~15-30 % less CPU per text than torch's int8 here).",
+    )

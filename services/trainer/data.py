@@ -104,20 +104,36 @@ def _second_half(text: str) -> bool:
     return hashlib.sha256(b"recalibrate\x1f" + normalize(text).encode()).digest()[0] % 2 == 1
 
 
-def recalibration_pool(run: RunData, recent: Sequence[tuple[str, str]]) -> tuple[Dataset, Dataset]:
+MIN_RECALIBRATION_POOL = 40  # fewer texts cannot fit a stacker and conformal thresholds worth gating
+
+
+def recalibration_pool(
+    run: RunData, recent: Sequence[tuple[str, str]], calibration_held_out: bool = True
+) -> tuple[Dataset, Dataset]:
     """(stacker rows, conformal rows) for a calibration-only run with the voters frozen.
 
-    The frozen voters never trained on the calibration split, nor on corrections newer than their bundle
-    (`recent`), so their outputs on both are out of sample. The pool is the calibration split plus the recent
-    texts of the train split (the test split stays held out), halved by a second hash.
+    The frozen voters must never have trained on these texts: corrections newer than their bundle
+    (`recent`) and, when the champion was calibrated on a held-out share (`calibration_held_out`: trained
+    with `--calibration holdout` at the split's shares), the calibration split. A cross-fitted champion's
+    voters trained on every non-test text, so only the recent corrections qualify. The test split stays
+    held out for the gate. The pool is halved by a second hash.
     """
     parts = split(run.data)
     recent_keys = {scrub_key(t) for t, _ in recent}
-    pool_texts, pool_labels = list(parts["calibration"].texts), list(parts["calibration"].labels)
-    for t, y in zip(parts["train"].texts, parts["train"].labels, strict=True):
-        if run.key(t) in recent_keys:
-            pool_texts.append(t)
-            pool_labels.append(y)
+    pool_texts, pool_labels = [], []
+    if calibration_held_out:
+        pool_texts, pool_labels = list(parts["calibration"].texts), list(parts["calibration"].labels)
+    for s in ("train",) if calibration_held_out else ("train", "calibration"):
+        for t, y in zip(parts[s].texts, parts[s].labels, strict=True):
+            if run.key(t) in recent_keys:
+                pool_texts.append(t)
+                pool_labels.append(y)
+    if len(pool_texts) < MIN_RECALIBRATION_POOL:
+        raise ValueError(
+            f"a calibration-only run needs at least {MIN_RECALIBRATION_POOL} texts the champion's voters never "
+            f"trained on, and has {len(pool_texts)} (corrections newer than the champion"
+            f"{'' if calibration_held_out else '; it was cross-fitted, so its calibration texts are trained on'})"
+        )
     halves: dict[bool, tuple[list[str], list[str]]] = {False: ([], []), True: ([], [])}
     for t, y in zip(pool_texts, pool_labels, strict=True):
         texts, labels = halves[_second_half(t)]

@@ -107,6 +107,11 @@ def gate_candidate(
     return decide(HeldOut(y, classes, slices, held.reference), challenger, champ, kind, cfg)
 
 
+def _trained(bundle: Path) -> dict[str, Any]:
+    """How a bundle was trained (its manifest's config: calibration scheme, held-out shares)."""
+    return dict(read_manifest(bundle, verify=False).config)
+
+
 def _classes(bundle: Path) -> list[str]:
     from flockwatch.common.labels import LabelConfig
 
@@ -127,12 +132,18 @@ def run(spec: JobSpec, progress: Progress) -> dict[str, Any]:
             raise ValueError("a calibration-only run needs a published champion")
         from flockwatch.trainer.recalibrate import recalibrate
 
-        fit_rows, cal_rows = rundata.recalibration_pool(merged, spec.recent)
+        held_cal = _trained(spec.champion).get("calibration") == "holdout"
+        fit_rows, cal_rows = rundata.recalibration_pool(merged, spec.recent, calibration_held_out=held_cal)
         candidate = recalibrate(spec.champion, fit_rows, cal_rows, held.data, spec.work_dir / "candidates", progress)
     else:
         candidate = _train_full(spec, merged, held.data, progress)
     trained = time.perf_counter()
     progress(f"gate: champion vs challenger on {len(held.data)} held-out texts")
+    if spec.champion is not None and _trained(spec.champion).get("test_frac") == 0:  # (None: a test file)
+        progress(
+            "warning: the champion held no test share out (train it with --test-frac 0.25): it trained on "
+            "the gate's held-out texts, so its scores there are optimistic and challengers lose more often"
+        )
     gate = gate_candidate(candidate, spec.champion, held, spec.kind, GateConfig(**spec.gate)).to_dict()
     parent = read_manifest(spec.champion, verify=False).version if spec.champion else None
     data_report = {**merged.report, "held_out": len(held.data), "held_out_reference": int(held.reference.sum())}

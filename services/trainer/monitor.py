@@ -23,7 +23,7 @@ Kind = Literal["full", "recalibrate"]
 
 
 def reference_scores(model_dir: Path, texts: list[str]) -> tuple[list[float], str]:
-    """The bundle's nonconformity scores on calibration texts (decided as the services decide), its arbiter version."""
+    """The bundle's nonconformity scores on held-out texts (decided as the services decide), its arbiter version."""
     from flockwatch.arbiter.app import load_policy
     from flockwatch.trainer.evaluate import decide_all
 
@@ -43,13 +43,15 @@ class DriftWatch:
         self.last_alarm: dict[str, Any] | None = None
         self._texts: list[str] | None = None
 
-    def _calibration_texts(self) -> list[str]:
+    def _reference_texts(self) -> list[str]:
         if self._texts is None:
             s = self.service.settings
             data = read_table(s.trainer_data, s.trainer_text_col, s.trainer_label_col)
             if s.trainer_base_limit:
                 data = Dataset(data.texts[: s.trainer_base_limit], data.labels[: s.trainer_base_limit])
-            self._texts = split(data)["calibration"].texts
+            # the test split: texts no champion trained on (trained with --test-frac 0.25, as the trainer's
+            # own runs are), whichever calibration scheme it used
+            self._texts = split(data)["test"].texts
         return self._texts
 
     async def reset(self, bundle: Path | None) -> None:
@@ -59,7 +61,7 @@ class DriftWatch:
         if bundle is None or not s.trainer_drift:
             return
         try:
-            texts = await asyncio.to_thread(self._calibration_texts)
+            texts = await asyncio.to_thread(self._reference_texts)
             self.reference, version = await asyncio.to_thread(reference_scores, bundle, texts)
         except (ArtifactError, OSError, ValueError) as exc:  # the runs report the same problem in their own record
             log.error("trainer: no drift monitor for %s: %s", bundle, exc)
@@ -67,7 +69,7 @@ class DriftWatch:
         self.champion = bundle.resolve().name
         telemetry.set_model_version("trainer_champion", self.champion)
         self._restart(version)
-        log.info("trainer: drift reference of %s: %d calibration scores", self.champion, len(self.reference))
+        log.info("trainer: drift reference of %s: %d held-out scores", self.champion, len(self.reference))
 
     def _restart(self, version: str) -> None:
         s = self.service.settings

@@ -27,7 +27,7 @@ from flockwatch.arbiter.model import ArbiterPolicy, harm_weights
 from flockwatch.arbiter.select import fold_ids
 from flockwatch.classical_voter.model import ClassicalModel
 from flockwatch.common.artifacts import Manifest, new_version, publish_dir, write_manifest
-from flockwatch.common.datasets import Dataset, hold_out
+from flockwatch.common.datasets import CALIBRATION_FRACTION, Dataset, hold_out
 from flockwatch.common.labels import LabelConfig
 from flockwatch.common.slices import SliceConfig
 from flockwatch.common.voting import opinions_matrix
@@ -65,7 +65,7 @@ class TrainConfig:
     test: Dataset | None = None  # evaluate on these texts (never trained on)
     test_frac: float = 0.0  # without `test`: hold out this share of `data` (by text hash) for the test report
     calibration: Literal["crossfit", "holdout"] = "crossfit"
-    cal_frac: float = 0.3  # holdout: the share of the training texts kept for calibration
+    cal_frac: float = CALIBRATION_FRACTION  # holdout: the share of the training texts kept for calibration
 
 
 def _labels(config: TrainConfig) -> LabelConfig:
@@ -163,6 +163,9 @@ def train(config: TrainConfig, progress: Progress = lambda _: None) -> Path:
             "alpha": conformal.alpha,
             "folds": n_folds,
             "calibration": config.calibration,
+            # the hash shares held out ("test" and "calibration" salts): what these voters never trained on
+            "test_frac": config.test_frac if config.test is None else None,
+            "cal_frac": config.cal_frac if config.calibration == "holdout" else 0.0,
             "splits": {"train": len(train_set), "calibration": len(cal_set), "test": len(test_set)},
             "certified": bool(policy.calibration_report["risk"]["certified"]),
         },

@@ -156,11 +156,13 @@ async def test_poison_messages_go_to_dead_letter_and_consumers_keep_going(sms_bu
         await bus.publish_raw(topics.TEXT_SUBMITTED, b"{this is not json", "k")
         await bus.publish_raw(topics.TEXT_SUBMITTED, b'{"schema_version": 99}', "k")
         response = await client.post("/predict", json={"text": SPAM})
-        await settle(lambda: len(dead) >= 8)
+        await settle(lambda: len(dead) >= 12)
     assert response.status_code == 200 and response.json()["prediction"] == "spam", response.json()
     letters = [d for d in dead if isinstance(d, DeadLetter)]
-    # each consumer group of the texts topic (three voters, the arbiter) dead-letters each poison message once
-    consumers = ["arbiter", "classical_voter", "regex_voter", "ws_voter"]
+    # each consumer group of the texts topic dead-letters each poison message once: the arbiter and every
+    # voter, the embedding and LLM voters included (in "auto" mode they read the texts topic, ready for a
+    # bundle that runs them on every text, though this bundle has nothing for them)
+    consumers = ["arbiter", "classical_voter", "embedding_voter", "llm_voter", "regex_voter", "ws_voter"]
     assert sorted(d.consumer for d in letters) == sorted(consumers * 2)
     assert {d.payload for d in letters} == {"{this is not json", '{"schema_version": 99}'}
     assert all(d.topic == topics.TEXT_SUBMITTED and "invalid TextSubmitted" in d.error for d in letters)

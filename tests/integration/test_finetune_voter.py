@@ -110,6 +110,26 @@ def test_empty_calibration_texts_give_an_empty_table(
     assert fit.cal.shape == (0, 2) and fit.oof.shape == (4, 2)
 
 
+def test_onnxruntime_backend_gives_the_torch_probabilities(trained: tuple[Path, EmbeddingFit, list]) -> None:
+    """fp32 ONNX Runtime = fp32 torch to float precision; its int8 model stays near both (a tiny, barely
+    trained net: quantization moves its near-uniform probabilities by a few hundredths)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    texts = trained[2]
+
+    def proba(**values: object) -> np.ndarray:
+        loaded = load_core(trained[0], EmbeddingSettings(_env_file=None, embedding_threads=1, **values))
+        assert loaded is not None
+        return loaded.model.predict_proba(texts)
+
+    torch32 = proba(embedding_quantize=False)
+    ort32 = proba(embedding_backend="onnxruntime", embedding_quantize=False)
+    assert np.abs(ort32 - torch32).max() < 1e-4
+    ort8, torch8 = proba(embedding_backend="onnxruntime", embedding_quantize=True), proba(embedding_quantize=True)
+    assert np.abs(ort8 - torch32).max() < 0.15 and np.abs(torch8 - torch32).max() < 0.15
+    assert np.abs(ort8 - ort32).max() > 0  # the int8 model is really another network
+
+
 def _copy(bundle: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)

@@ -18,7 +18,7 @@ import httpx
 import pandas as pd
 from flockwatch.cli.runtime import build
 from flockwatch.common.bus import Bus
-from flockwatch.common.datasets import read_table
+from flockwatch.common.datasets import TEST_FRACTION, read_table
 from flockwatch.common.service import Service
 from flockwatch.feedback.api import create_app as feedback_app
 from flockwatch.feedback.app import FeedbackService
@@ -65,7 +65,20 @@ def make_world(directory: Path, sms_csv: Path) -> World:
     conformal.write_text(shipped.replace("target: 0.01", "target: 0.05").replace("alpha: 0.01", "alpha: 0.05"))
     root = directory / "models" / "sms"
     labels, slices = CONFIGS / "labels.yaml", CONFIGS / "slices.yaml"
-    config = TrainConfig(read_table(base_csv, "text", "label"), root, "sms", labels, None, slices, conformal, folds=2)
+    # as a deployment trains its first champion: the trainer's test share held out (the gate's texts), and
+    # calibrated on a held-out share so a calibration-only run has texts the frozen voters never saw
+    config = TrainConfig(
+        read_table(base_csv, "text", "label"),
+        root,
+        "sms",
+        labels,
+        None,
+        slices,
+        conformal,
+        folds=2,
+        test_frac=TEST_FRACTION,
+        calibration="holdout",
+    )
     train(config)
     return World(base_csv, root, campaign, poison)
 

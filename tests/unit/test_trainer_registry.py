@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from flockwatch.common.artifacts import ArtifactError, Manifest, read_manifest, write_manifest
-from flockwatch.common.datasets import Dataset, split_of
+from flockwatch.common.datasets import CALIBRATION_FRACTION, TEST_FRACTION, Dataset, hold_out, split_of
 from flockwatch.trainer import registry
 from flockwatch.trainer.data import held_out, merge, recalibration_pool, scrub_key
 
@@ -38,7 +38,8 @@ def test_held_out_labels_from_corrections_are_not_reference() -> None:
 
 def test_a_test_text_whose_scrubbed_form_was_trained_on_is_not_held_out() -> None:
     """Copies that differ only in a name hash into different splits but scrub to one text."""
-    names = ["John", "Mary", "Peter", "Anna", "Tom", "Kate", "Mike", "Lucy", "Paul", "Emma"]
+    names = ["John", "Mary", "Peter", "Anna", "Tom", "Kate", "Mike", "Lucy", "Paul", "Emma", "Olga", "Ivan"]
+    names += ["Sara", "Liam", "Noah", "Ella", "Jack", "Ruth", "Owen", "Iris"]
     copies = [f"my name is {n}, see you at the station" for n in names]
     splits = {split_of(t) for t in copies}
     assert {"test"} < splits  # the precondition: some copies in test, some elsewhere
@@ -55,6 +56,27 @@ def test_the_recalibration_pool_never_takes_test_texts() -> None:
     assert not any(split_of(t) == "test" for t in pool)
     assert {t for t, _ in recent if split_of(t) == "train"} <= set(pool)
     assert fit.texts and cal.texts and not set(fit.texts) & set(cal.texts)
+
+
+def test_a_cross_fitted_champion_recalibrates_on_recent_corrections_only() -> None:
+    """Its voters trained on the calibration split too: only corrections newer than it are out of sample."""
+    recent = [(t, "spam") for t in BASE.texts[:120]]
+    run = merge(BASE, recent)
+    fit, cal = recalibration_pool(run, recent, calibration_held_out=False)
+    pool = set(fit.texts + cal.texts)
+    assert pool == {t for t, _ in recent if split_of(t) != "test"}
+    with pytest.raises(ValueError, match="cross-fitted"):
+        recalibration_pool(run, recent[:20], calibration_held_out=False)
+
+
+def test_the_fixed_split_is_what_train_holds_out() -> None:
+    """`flockwatch train --test-frac 0.25 --calibration holdout` holds out the trainer's test and calibration."""
+    kept, test = hold_out(BASE, TEST_FRACTION, "test")
+    train, cal = hold_out(kept, CALIBRATION_FRACTION, "calibration")
+    assert {t: "test" for t in test.texts} | {t: "calibration" for t in cal.texts} | {
+        t: "train" for t in train.texts
+    } == {t: split_of(t) for t in BASE.texts}
+    assert 0.15 < len(test) / len(BASE) < 0.35
 
 
 def _bundle(root: Path, version: str, parent: str | None = None) -> Path:
