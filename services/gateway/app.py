@@ -6,9 +6,9 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.telemetry import TelemetryConfig
@@ -20,7 +20,8 @@ from flockwatch.common.events import Decision, ModelPublished, TextSubmitted
 from flockwatch.common.metrics_http import HttpTelemetry
 from flockwatch.common.problems import explain_unreadable_bodies
 from flockwatch.common.service import Service
-from flockwatch.gateway.cache import PredictionCache
+from flockwatch.common.tokens import TokenEntry
+from flockwatch.gateway.cache import PredictionCache, text_hash
 from flockwatch.gateway.decisions import DecisionBook
 from flockwatch.gateway.schemas import (
     Accepted,
@@ -32,6 +33,7 @@ from flockwatch.gateway.schemas import (
 )
 from flockwatch.gateway.settings import GatewaySettings
 from flockwatch.gateway.shedding import ShedLoad
+from flockwatch.gateway.tenancy import Claims, bus_id, tenant_of
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
@@ -39,10 +41,21 @@ ERRORS: dict[int | str, dict[str, object]] = {
     401: {"model": Problem, "description": "No bearer token, or an unknown one (when auth is on)"},
     403: {"model": Problem, "description": "The token lacks the `predict` scope"},
     413: {"model": Problem, "description": "Text or body too large"},
-    429: {"model": Problem, "description": "The token is over its rate limit; retry after the Retry-After seconds"},
-    422: {"model": Problem, "description": "Empty or non-text input"},
+    409: {"model": Problem, "description": "A text_id already used for another text or metadata"},
+    429: {
+        "model": Problem,
+        "description": "The token is over its rate limit or its texts in flight; retry after the Retry-After seconds",
+    },
+    422: {"model": Problem, "description": "Empty or non-text input, invalid Unicode (lone surrogates) or NUL"},
     503: {"model": Problem, "description": "Too many texts in flight, or the pipeline behind; retry after Retry-After"},
 }
+
+
+class Admitted(NamedTuple):
+    """A text let in: the caller's id for it, and the message that carries it (under its bus id)."""
+
+    text_id: str
+    msg: TextSubmitted
 
 
 class Gateway:
@@ -54,6 +67,7 @@ class Gateway:
         # a text accepted by POST /texts counts as in flight until decided, or for at most the predict timeout
         self.book = DecisionBook(settings.gateway_decisions_kept, settings.gateway_predict_timeout_ms / 1000)
         self.cache = PredictionCache(settings)
+        self.claims = Claims(settings.gateway_decisions_kept)
         bus.subscribe(topics.DECISION_MADE, Decision, group="gateway", broadcast=True)(self.on_decisions)
         bus.subscribe(topics.MODEL_PUBLISHED, ModelPublished, group="gateway", broadcast=True)(self.cache.on_models)
 
@@ -72,23 +86,48 @@ class Gateway:
         answered = {d.text_id for d in hits}
         return [m for m in msgs if m.text_id not in answered]
 
-    def respond(self, decision: Decision) -> PredictResponse:
-        """The HTTP answer for a decision (marked when it came from the cache)."""
-        return PredictResponse.of(decision, cached=self.cache.served(decision.text_id))
+    def respond(self, decision: Decision, text_id: str) -> PredictResponse:
+        """The HTTP answer for a decision, under the caller's id (marked when it came from the cache)."""
+        return PredictResponse.of(decision, cached=self.cache.served(decision.text_id), text_id=text_id)
 
-    def admit(self, requests: Sequence[PredictRequest]) -> list[TextSubmitted]:
-        """Messages for requests if all are valid and there is room for all of them in flight, or the HTTP error
-        saying why not (callers register them as in flight before their next await)."""
+    def admit(self, requests: Sequence[PredictRequest], caller: TokenEntry | None) -> list[Admitted]:
+        """The caller's texts if all are valid, none reuses an id for other content, and there is room for all of
+        them in flight; else the HTTP error saying why not (callers register them as in flight before their next
+        await)."""
         many = len(requests) > 1
-        msgs = [self._message(request, f"texts[{i}]: " if many else "") for i, request in enumerate(requests)]
-        ids = [m.text_id for m in msgs]
+        tenant = tenant_of(caller)
+        admitted = [self._message(r, tenant, f"texts[{i}]: " if many else "") for i, r in enumerate(requests)]
+        ids = [a.msg.text_id for a in admitted]
         if len(set(ids)) < len(ids):
             raise HTTPException(422, "text_id values must be unique within a batch")
-        why = self.overloaded(len(msgs))
+        contents = [text_hash(a.msg) for a in admitted]
+        for i, (a, content) in enumerate(zip(admitted, contents, strict=True)):
+            if self.claims.conflicts(a.msg.text_id, content):
+                where = f"texts[{i}]: " if many else ""
+                raise HTTPException(
+                    409,
+                    f"{where}text_id {a.text_id!r} was already used for a different text or metadata; an id names "
+                    "one text: use a new id (resending the same text and metadata under it is a safe retry)",
+                )
+        self._check_room(tenant, len(admitted))
+        for a, content in zip(admitted, contents, strict=True):
+            self.claims.claim(a.msg.text_id, content)
+        return admitted
+
+    def _check_room(self, tenant: str | None, n: int) -> None:
+        limit = self.settings.gateway_max_in_flight_per_tenant
+        if tenant is not None and limit and (mine := self.book.in_flight_of(tenant)) + n > limit:
+            telemetry.REFUSED.inc(n)
+            raise HTTPException(
+                429,
+                f"token {tenant!r} has {mine} texts in flight (limit {limit} per token); retry after the Retry-After "
+                "seconds",
+                headers={"Retry-After": "1"},
+            )
+        why = self.overloaded(n)
         if why is not None:
-            telemetry.REFUSED.inc(len(msgs))
+            telemetry.REFUSED.inc(n)
             raise HTTPException(503, f"{why}; retry after the Retry-After seconds", headers={"Retry-After": "1"})
-        return msgs
 
     def overloaded(self, n: int) -> str | None:
         """Why `n` more texts may not be admitted now (too many in flight, or the pipeline is behind), or None."""
@@ -100,16 +139,16 @@ class Gateway:
             return f"the pipeline is behind (a text in flight has waited {waited_ms:.0f} ms)"
         return None
 
-    def _message(self, request: PredictRequest, where: str) -> TextSubmitted:
+    def _message(self, request: PredictRequest, tenant: str | None, where: str) -> Admitted:
         if not request.text.strip():
             raise HTTPException(422, f"{where}text is empty (it must contain a non-space character)")
         limit = self.settings.gateway_max_text_chars
         if len(request.text) > limit:
             raise HTTPException(413, f"{where}text has {len(request.text)} characters; the limit is {limit}")
         text_id = request.text_id or uuid.uuid4().hex
-        return TextSubmitted(
-            message_id=f"text:{text_id}", text_id=text_id, text=request.text, metadata=request.metadata
-        )
+        scoped = bus_id(tenant, text_id)
+        msg = TextSubmitted(message_id=f"text:{scoped}", text_id=scoped, text=request.text, metadata=request.metadata)
+        return Admitted(text_id, msg)
 
     async def decide(self, msgs: list[TextSubmitted]) -> tuple[dict[str, Decision], list[str]]:
         """Publish the texts not yet decided and wait for their decisions: (decisions by text id, ids still
@@ -158,6 +197,8 @@ async def get_gateway(request: Request) -> Gateway:
 
 
 GatewayDep = Annotated[Gateway, Depends(get_gateway)]
+# every route but /health and /metrics needs `predict`; the token also says whose texts these are
+Caller = Annotated[TokenEntry | None, Depends(require("predict"))]
 
 
 def create_app(
@@ -204,51 +245,72 @@ def create_app(
         # the broker stayed unreachable through the publish retries: nothing was accepted, the client may retry
         return JSONResponse({"detail": f"message bus unavailable; retry shortly ({exc})"}, 503, {"Retry-After": "2"})
 
-    predict_scope = [Depends(require("predict"))]  # every route but /health and /metrics
-
-    @app.post(
-        "/predict", response_model=PredictResponse, responses={504: {"model": Problem}}, dependencies=predict_scope
-    )
-    async def predict(body: PredictRequest, gw: GatewayDep) -> Response:
+    @app.post("/predict", response_model=PredictResponse, responses={504: {"model": Problem}})
+    async def predict(body: PredictRequest, gw: GatewayDep, caller: Caller) -> Response:
         """Classify a text and wait for the decision."""
-        (msg,) = gw.admit([body])
+        ((text_id, msg),) = gw.admit([body], caller)
         with tracing.text_spans("gateway /predict", [msg]):
             decided, _ = await gw.decide([msg])
         if msg.text_id not in decided:
             raise HTTPException(
-                504, f"no decision within {settings.gateway_predict_timeout_ms} ms; poll GET /decisions/{msg.text_id}"
+                504, f"no decision within {settings.gateway_predict_timeout_ms} ms; poll GET /decisions/{text_id}"
             )
-        return json_response(gw.respond(decided[msg.text_id]))
+        return json_response(gw.respond(decided[msg.text_id], text_id))
 
-    @app.post("/predict/batch", response_model=PredictBatchResponse, dependencies=predict_scope)
-    async def predict_batch(body: PredictBatchRequest, gw: GatewayDep) -> Response:
+    @app.post("/predict/batch", response_model=PredictBatchResponse)
+    async def predict_batch(body: PredictBatchRequest, gw: GatewayDep, caller: Caller) -> Response:
         """Classify several texts at once and wait for their decisions; the batch is admitted whole or not at
         all (503). Texts not decided within the timeout come back under `pending` with their status URL."""
-        msgs = gw.admit(body.texts)
+        admitted = gw.admit(body.texts, caller)
+        msgs = [a.msg for a in admitted]
         with tracing.text_spans("gateway /predict/batch", msgs):
             decided, pending = await gw.decide(msgs)
+        late = set(pending)
         return json_response(
             PredictBatchResponse(
-                decisions=[gw.respond(decided[m.text_id]) for m in msgs if m.text_id in decided],
-                pending=[Accepted(text_id=t, status_url=f"/decisions/{t}") for t in pending],
+                decisions=[gw.respond(decided[m.text_id], t) for t, m in admitted if m.text_id in decided],
+                pending=[Accepted(text_id=t, status_url=f"/decisions/{t}") for t, m in admitted if m.text_id in late],
             )
         )
 
-    @app.post("/texts", status_code=202, response_model=Accepted, dependencies=predict_scope)
-    async def submit(body: PredictRequest, gw: GatewayDep) -> Accepted:
+    @app.post("/texts", status_code=202, response_model=Accepted)
+    async def submit(body: PredictRequest, gw: GatewayDep, caller: Caller) -> Accepted:
         """Accept a text for classification; the decision appears at the status URL and on the bus."""
-        (msg,) = gw.admit([body])
-        gw.book.accept([msg.text_id])
-        with tracing.text_spans("gateway /texts", [msg]):
-            await gw.bus.publish(await gw.from_cache([msg]))
-        return Accepted(text_id=msg.text_id, status_url=f"/decisions/{msg.text_id}")
+        ((text_id, msg),) = gw.admit([body], caller)
+        # a retry of a text decided or still in flight is not published again: the pipeline decides an id once,
+        # so the copy would count as in flight, waiting for a decision that never comes
+        if gw.book.get(msg.text_id) is None and not gw.book.in_flight_for(msg.text_id):
+            gw.book.accept([msg.text_id])
+            with tracing.text_spans("gateway /texts", [msg]):
+                try:
+                    await gw.bus.publish(await gw.from_cache([msg]))
+                except BaseException:
+                    gw.book.unaccept(msg.text_id)
+                    raise
+        return Accepted(text_id=text_id, status_url=f"/decisions/{text_id}")
 
-    @app.get(
-        "/decisions/{text_id}", response_model=Decision, responses={404: {"model": Problem}}, dependencies=predict_scope
-    )
-    async def decision(text_id: str, gw: GatewayDep) -> Decision:
-        """The full decision record (votes, versions, thresholds) for a text."""
-        found = gw.book.get(text_id)
+    @app.get("/decisions/{text_id}", response_model=Decision, responses={404: {"model": Problem}})
+    async def decision(
+        text_id: str,
+        gw: GatewayDep,
+        caller: Caller,
+        tenant: Annotated[
+            str | None,
+            Query(
+                max_length=64,
+                pattern=r"^[A-Za-z0-9_.@-]+$",
+                description="Another token's name, whose decision to read (admin scope only).",
+            ),
+        ] = None,
+    ) -> Decision:
+        """The full decision record (votes, versions, thresholds) for one of the caller's texts; with auth on,
+        the record's `text_id` is the id on the bus, `<token name>/<text_id>`."""
+        owner = tenant_of(caller)
+        if tenant is not None and tenant != owner:
+            if caller is not None and not caller.grants("admin"):
+                raise HTTPException(403, f"token {caller.name!r} reads only its own decisions (tenant needs admin)")
+            owner = tenant
+        found = gw.book.get(bus_id(owner, text_id))
         if found is None:
             raise HTTPException(404, f"no decision for text {text_id!r} (yet)")
         return found

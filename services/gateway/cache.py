@@ -5,7 +5,9 @@ Key: `<prefix>:<versions digest>:<sha256 of text and metadata>`. The digest cove
 manifest sha256 and each component's version, so a new model is never answered from an older one's entries;
 on `ModelPublished` the gateway moves to the new digest and deletes every entry under another one. A
 decision is kept only when it is complete (no voter missing) and made by the versions in force: a decision
-made while the voters were still reloading is not kept. Cached answers are not published on the bus.
+made while the voters were still reloading is not kept, nor one whose id was looked up for two different
+texts (the pipeline decides an id once: the decision may be the other text's). Cached answers are not
+published on the bus.
 """
 
 from __future__ import annotations
@@ -77,7 +79,9 @@ class PredictionCache:
         self.prefix = settings.gateway_cache_prefix
         self.versions: Versions | None = None
         self._redis: aioredis.Redis | None = None
-        self._keys: OrderedDict[str, str] = OrderedDict()  # text id → key, for texts published after a miss
+        # text id → the key of the text published under it after a miss; None when two texts were looked up under
+        # one id: the decision is for whichever the pipeline decided first, so it is kept under neither
+        self._keys: OrderedDict[str, str | None] = OrderedDict()
         self._served: OrderedDict[str, None] = OrderedDict()  # text ids answered from the cache
         self._purge: asyncio.Task[int] | None = None
         self._warned_at = 0.0
@@ -129,7 +133,8 @@ class PredictionCache:
         for msg, key, raw in zip(msgs, keys, values, strict=True):
             decision = _readdress(raw, msg.text_id, elapsed_ms) if raw is not None else None
             if decision is None:
-                _put(self._keys, msg.text_id, key, self.settings.gateway_decisions_kept)
+                noted = self._keys.get(msg.text_id, key)
+                _put(self._keys, msg.text_id, key if noted == key else None, self.settings.gateway_decisions_kept)
             else:
                 found.append(decision)
                 _put(self._served, msg.text_id, None, self.settings.gateway_decisions_kept)
@@ -145,10 +150,12 @@ class PredictionCache:
         current = f"{self.prefix}:{self.versions.digest}:"
         rows: list[tuple[str, str]] = []
         for decision in decisions:
-            key = self._keys.pop(decision.text_id, None)
-            if key is None:  # another gateway's text, or one answered from the cache
+            if decision.text_id not in self._keys:  # another gateway's text, or one answered from the cache
                 continue
-            if decision.missing_voters or decision.path == "no_votes":
+            key = self._keys.pop(decision.text_id)
+            if key is None:
+                telemetry.CACHE_WRITES.labels("ambiguous").inc()
+            elif decision.missing_voters or decision.path == "no_votes":
                 telemetry.CACHE_WRITES.labels("incomplete").inc()
             elif not key.startswith(current) or not self.versions.made(decision):
                 telemetry.CACHE_WRITES.labels("stale").inc()

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 
 from flockwatch.common.events import Decision
+from flockwatch.gateway.tenancy import tenant_of_id
 
 
 class DecisionBook:
@@ -23,6 +24,7 @@ class DecisionBook:
         # text id → its future and when the wait began (monotonic), in the order the waits began
         self._waiting: dict[str, tuple[asyncio.Future[Decision], float]] = {}
         self._accepted: OrderedDict[str, float] = OrderedDict()  # text id → when accepted (monotonic)
+        self._per_tenant: Counter[str] = Counter()  # tenant → its entries in the two above
 
     def get(self, text_id: str) -> Decision | None:
         """A remembered decision."""
@@ -38,30 +40,46 @@ class DecisionBook:
         """A future resolved when the decision for `text_id` arrives (shared by concurrent waiters)."""
         if text_id not in self._waiting:
             self._waiting[text_id] = (asyncio.get_running_loop().create_future(), time.monotonic())
+            self._count(text_id, 1)
         return self._waiting[text_id][0]
 
     def accept(self, text_ids: Iterable[str]) -> None:
         """Count texts accepted without a waiter as in flight until decided (or until the TTL passes)."""
         now = time.monotonic()
         for text_id in text_ids:
+            if text_id not in self._accepted:
+                self._count(text_id, 1)
             self._accepted[text_id] = now
             self._accepted.move_to_end(text_id)
+
+    def unaccept(self, text_id: str) -> None:
+        """Forget an accepted text that was not published after all (nothing will decide it)."""
+        if self._accepted.pop(text_id, None) is not None:
+            self._count(text_id, -1)
+
+    def in_flight_for(self, text_id: str) -> bool:
+        """Whether `text_id` is waited for or accepted and not yet decided."""
+        return text_id in self._waiting or text_id in self._accepted
 
     def forget_waiter(self, text_id: str) -> None:
         """Drop a waiter that gave up."""
         future, _ = self._waiting.pop(text_id, (None, 0.0))
-        if future is not None and not future.done():
-            future.cancel()
+        if future is not None:
+            self._count(text_id, -1)
+            if not future.done():
+                future.cancel()
 
     def record(self, decisions: list[Decision]) -> None:
         """Store decisions and wake whoever waits for them."""
         for decision in decisions:
             self._decisions[decision.text_id] = decision.model_dump_json()
             self._decisions.move_to_end(decision.text_id)
-            self._accepted.pop(decision.text_id, None)
+            self.unaccept(decision.text_id)
             future, _ = self._waiting.pop(decision.text_id, (None, 0.0))
-            if future is not None and not future.done():
-                future.set_result(decision)
+            if future is not None:
+                self._count(decision.text_id, -1)
+                if not future.done():
+                    future.set_result(decision)
         while len(self._decisions) > self.keep:
             self._decisions.popitem(last=False)
 
@@ -74,7 +92,20 @@ class DecisionBook:
             if since >= horizon:
                 break
             del self._accepted[text_id]
+            self._count(text_id, -1)
         return len(self._waiting) + len(self._accepted)
+
+    def in_flight_of(self, tenant: str) -> int:
+        """Texts of `tenant` in flight (counted as `in_flight` counts them)."""
+        _ = self.in_flight  # the accepted texts past their TTL leave the count first
+        return self._per_tenant[tenant]
+
+    def _count(self, text_id: str, step: int) -> None:
+        tenant = tenant_of_id(text_id)
+        if tenant is not None:
+            self._per_tenant[tenant] += step
+            if self._per_tenant[tenant] <= 0:
+                del self._per_tenant[tenant]
 
     @property
     def oldest_wait_s(self) -> float:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from flockwatch.common.events import Decision
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from flockwatch.common.validtext import ValidStrictStr
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class PredictRequest(BaseModel):
@@ -11,15 +12,16 @@ class PredictRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    text: StrictStr = Field(description="The text; must contain a non-space character.")
+    text: ValidStrictStr = Field(description="The text: valid Unicode without NUL, with a non-space character.")
     text_id: str | None = Field(
         None,
         min_length=1,
         max_length=128,
         pattern=r"^[A-Za-z0-9_.:-]+$",
-        description="Your id for the text; a new one is made when omitted.",
+        description="Your id for the text (your token's own: other tokens' ids never meet yours); a new one is made "
+        "when omitted. An id names one text: reusing it for another text or metadata is refused (409).",
     )
-    metadata: dict[str, StrictStr] = Field(default_factory=dict, description="E.g. source, language.")
+    metadata: dict[ValidStrictStr, ValidStrictStr] = Field(default_factory=dict, description="E.g. source, language.")
 
 
 class VoterOutput(BaseModel):
@@ -51,10 +53,10 @@ class PredictResponse(BaseModel):
     )
 
     @classmethod
-    def of(cls, decision: Decision, cached: bool = False) -> PredictResponse:
-        """The response for a decision."""
+    def of(cls, decision: Decision, cached: bool = False, text_id: str | None = None) -> PredictResponse:
+        """The response for a decision (under the caller's `text_id` when the bus knows it by a scoped one)."""
         return cls(
-            text_id=decision.text_id,
+            text_id=text_id or decision.text_id,
             prediction=decision.prediction,
             confidence=decision.confidence,
             abstain=decision.abstain,

@@ -12,6 +12,12 @@ class GatewaySettings(CommonSettings):
     gateway_max_text_chars: int = Field(10_000, ge=1, description="Longer texts are refused with 413.")
     gateway_max_body_bytes: int = Field(1_000_000, ge=1, description="Larger request bodies are refused with 413.")
     gateway_max_in_flight: int = Field(2_000, ge=1, description="Texts waiting for a decision; beyond, 503.")
+    gateway_max_in_flight_per_tenant: int = Field(
+        1_000,
+        ge=0,
+        description="Texts one token may have waiting for a decision; beyond, 429 (so no client can hold admission "
+        "for everyone). 0: off; with auth off there is one tenant and only the global limit.",
+    )
     gateway_shed_after_ms: int = Field(
         400,
         ge=0,
