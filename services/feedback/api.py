@@ -14,6 +14,7 @@ from flockwatch.common.auth import harden, require
 from flockwatch.common.events import FeedbackSubmitted
 from flockwatch.common.metrics_http import HttpTelemetry
 from flockwatch.common.problems import INVALID, Problem, explain_unreadable_bodies
+from flockwatch.common.validtext import ValidStr
 from flockwatch.feedback import telemetry
 from flockwatch.feedback.app import FeedbackService, UnknownLabel, feedback_kind
 from flockwatch.feedback.review import conflicts, feedback_groups, review_queue, reviewers, rules_report
@@ -30,14 +31,15 @@ class FeedbackRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    feedback_id: str | None = Field(
+    # every string valid Unicode without NUL (Postgres stores no NUL): else 422 saying which field and why
+    feedback_id: ValidStr | None = Field(
         None, min_length=1, max_length=200, description="Idempotency key: resending the same id stores it once."
     )
-    text_id: str = Field(min_length=1, max_length=128)
-    label: str | None = Field(None, min_length=1, max_length=64, description="The true label.")
+    text_id: ValidStr = Field(min_length=1, max_length=128)
+    label: ValidStr | None = Field(None, min_length=1, max_length=64, description="The true label.")
     thumbs: Literal["up", "down"] | None = None
-    note: str | None = Field(None, max_length=2000)
-    reviewer_id: str = Field(min_length=1, max_length=128)
+    note: ValidStr | None = Field(None, max_length=2000)
+    reviewer_id: ValidStr = Field(min_length=1, max_length=128)
 
 
 class FeedbackAccepted(BaseModel):
@@ -159,7 +161,7 @@ def create_app(service: FeedbackService) -> FastAPI:
         return await svc.hygiene()
 
     @app.get("/feedback/{feedback_id}", dependencies=review, responses={404: {"model": Problem}})
-    async def get_feedback(feedback_id: str, svc: ServiceDep) -> dict[str, Any]:
+    async def get_feedback(feedback_id: ValidStr, svc: ServiceDep) -> dict[str, Any]:
         """One stored feedback record."""
         found = await svc.store.feedback(feedback_id)
         if found is None:
@@ -170,7 +172,9 @@ def create_app(service: FeedbackService) -> FastAPI:
     async def get_queue(
         svc: ServiceDep,
         limit: Annotated[int, Query(ge=1, le=500)] = 20,
-        reviewer: Annotated[str | None, Query(max_length=128, description="Hide what this reviewer labelled")] = None,
+        reviewer: Annotated[
+            ValidStr | None, Query(max_length=128, description="Hide what this reviewer labelled")
+        ] = None,
     ) -> dict[str, Any]:
         """Texts to review, highest disagreement × harm first."""
         return await review_queue(svc.store, svc.task, limit, reviewer)

@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from flockwatch.common.auth import harden, require
 from flockwatch.common.metrics_http import HttpTelemetry, metrics_response
+from flockwatch.common.problems import INVALID, explain_invalid_requests, explain_unreadable_bodies
+from flockwatch.common.validtext import ValidStr
 from flockwatch.trainer import registry
 from flockwatch.trainer.app import RunNotFound, TrainerService
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,7 +22,7 @@ class RetrainRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["full", "recalibrate"] = Field("full", description="full, or calibration-only (voters frozen)")
-    reason: str | None = Field(None, max_length=500)
+    reason: ValidStr | None = Field(None, max_length=500, description="Valid Unicode without NUL.")
 
 
 def get_service(request: Request) -> TrainerService:
@@ -41,7 +43,9 @@ async def _run_or_404(service: TrainerService, run_id: str) -> dict[str, Any]:
 
 def create_app(service: TrainerService) -> FastAPI:
     """The HTTP API of a started trainer service."""
-    app = FastAPI(title="Flockwatch trainer", version="0.1.0")
+    app = FastAPI(title="Flockwatch trainer", version="0.1.0", responses=INVALID)
+    explain_unreadable_bodies(app)
+    explain_invalid_requests(app)  # a 422 that says what is wrong, without echoing the input
     app.state.service = service
     harden(app, service.settings, MAX_BODY_BYTES)
     app.add_middleware(HttpTelemetry, name="trainer")  # outermost: refused requests count too
@@ -58,12 +62,12 @@ def create_app(service: TrainerService) -> FastAPI:
         return await svc.store.runs(limit)
 
     @app.get("/training/{run_id}", dependencies=admin)
-    async def get_training(run_id: str, svc: ServiceDep) -> dict[str, Any]:
+    async def get_training(run_id: ValidStr, svc: ServiceDep) -> dict[str, Any]:
         """A run: status (queued, running, gated, published, rejected, failed, cancelled), progress, gate."""
         return await _run_or_404(svc, run_id)
 
     @app.post("/training/{run_id}/cancel", dependencies=admin)
-    async def cancel_training(run_id: str, svc: ServiceDep) -> dict[str, Any]:
+    async def cancel_training(run_id: ValidStr, svc: ServiceDep) -> dict[str, Any]:
         """Cancel a queued run or stop a running one; 409 for a run that has already finished."""
         run = await _run_or_404(svc, run_id)
         if run["status"] not in ("queued", "running"):
