@@ -16,6 +16,7 @@ from flockwatch.classical_voter.embedding_app import EmbeddingVoterService
 from flockwatch.classical_voter.settings import EmbeddingSettings
 from flockwatch.common import heap, telemetry, tracing
 from flockwatch.common.bus import Bus, create_bus
+from flockwatch.common.forks import protect_from_forks
 from flockwatch.common.metrics_http import serve_metrics
 from flockwatch.common.service import Service
 from flockwatch.common.settings import CommonSettings
@@ -77,6 +78,7 @@ def build(names: list[str], settings: CommonSettings) -> tuple[Bus, list[Service
 
 async def run_workers(bus: Bus, services: list[Service]) -> None:
     """Run bus consumers until SIGINT/SIGTERM."""
+    protect_from_forks()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -100,6 +102,7 @@ async def run_workers(bus: Bus, services: list[Service]) -> None:
 
 def serve(names: list[str], host: str | None = None, port: int | None = None) -> None:
     """Run the named services in this process; with the gateway, behind uvicorn (uvloop + httptools)."""
+    protect_from_forks()  # a pool's SIGTERM to its forked workers must not stop this service
     settings = GatewaySettings()
     tracing.configure(settings, f"flockwatch-{names[0]}" if len(names) == 1 else "flockwatch")
     for name in names:

@@ -35,6 +35,7 @@ from flockwatch.trainer.settings import TrainerSettings
 from flockwatch.trainer.store import FINAL, TrainerStore
 from flockwatch.trainer.triggers import Triggers
 
+RETRY = "retry of interrupted run"
 log = logging.getLogger(__name__)
 Kind = Literal["full", "recalibrate"]
 
@@ -95,8 +96,8 @@ class TrainerService(Service):
             await upgrade_feedback(s.trainer_database_url, s.trainer_feedback_schema)  # read before it has run
         self._store = await TrainerStore.connect(s.trainer_database_url, s.trainer_db_schema)
         self._feedback = await FeedbackStore.connect(s.trainer_database_url, s.trainer_feedback_schema, size=2)
-        if interrupted := await self.store.interrupt_running():
-            log.warning("trainer: %d run(s) were interrupted by the last stop; marked failed", interrupted)
+        for run in await self.store.interrupt_running():
+            await self._retry(run)
         await self.drift.reset(self.champion())
         self._tasks = [
             asyncio.create_task(self._worker(), name="trainer-worker"),
@@ -123,6 +124,15 @@ class TrainerService(Service):
         self._store = self._feedback = None
 
     # --- requests -----------------------------------------------------------------------------------------
+
+    async def _retry(self, run: dict[str, Any]) -> None:
+        """A run the last stop interrupted: marked failed, and queued again once (not a retry of a retry)."""
+        reason = run.get("reason") or ""
+        if reason.startswith(RETRY):
+            log.warning("trainer: run %s (itself a retry) was interrupted by the last stop; not retried", run["run_id"])
+            return
+        log.warning("trainer: run %s was interrupted by the last stop; queued again", run["run_id"])
+        await self.request_run(run["kind"], run["trigger"], f"{RETRY} {run['run_id']} ({reason})")
 
     async def request_run(self, kind: Kind, trigger: str, reason: str | None = None) -> dict[str, Any]:
         """Queue a run; the worker starts it when no other run is running."""

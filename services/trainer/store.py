@@ -8,6 +8,7 @@ from typing import Any
 import asyncpg
 
 FINAL = ("published", "rejected", "failed", "cancelled")
+INTERRUPTED = "interrupted: the trainer stopped"
 COLUMNS = (
     "run_id, kind, trigger, reason, status, progress, requested_at, started_at, finished_at, champion_version, "
     "candidate_version, published_version, feedback_watermark, data, gate, metrics, durations, error"
@@ -105,13 +106,13 @@ class TrainerStore:
         )
         return bool(result.endswith(" 1"))
 
-    async def interrupt_running(self) -> int:
-        """Runs left running by a stopped trainer: failed (their process died with it)."""
-        result = await self.pool.execute(
+    async def interrupt_running(self) -> list[dict[str, Any]]:
+        """Runs left running by a stopped trainer: failed (their process died with it); their records."""
+        records = await self.pool.fetch(
             "UPDATE training_runs SET status = 'failed', finished_at = now(), "
-            "error = 'interrupted: the trainer stopped' WHERE status IN ('running', 'gated')"
+            f"error = '{INTERRUPTED}' WHERE status IN ('running', 'gated') RETURNING {COLUMNS}"
         )
-        return int(result.rsplit(" ", 1)[-1])
+        return [r for r in map(_row, records) if r is not None]
 
     async def active(self, kind: str | None = None) -> list[dict[str, Any]]:
         """Queued and running runs (of one kind)."""
@@ -123,8 +124,11 @@ class TrainerStore:
         return [r for r in map(_row, records) if r is not None]
 
     async def watermark(self) -> int:
-        """The newest feedback seq any run has taken in (0: none yet): corrections after it are new."""
-        value = await self.pool.fetchval("SELECT max(feedback_watermark) FROM training_runs")
+        """The newest feedback seq a *completed* run (published or rejected) has taken in (0: none yet):
+        corrections after it are new. A failed, cancelled or interrupted run consumed nothing."""
+        value = await self.pool.fetchval(
+            "SELECT max(feedback_watermark) FROM training_runs WHERE status IN ('published', 'rejected')"
+        )
         return int(value or 0)
 
     async def last_drift_run(self) -> dict[str, Any] | None:

@@ -114,7 +114,7 @@ async def test_corrections_retrain_publish_reload_then_poison_rejected_and_rollb
         # reviewers correct the campaign; 60 new clean corrections trigger a full retrain
         await _label(stack.feedback, "a", len(world.campaign), "rev-1")
         good = await _finished_run(stack.trainer, 0)
-        assert (good["trigger"], good["kind"], good["status"]) == ("corrections", "full", "published"), repr(good)[:3000]
+        assert (good["trigger"], good["kind"], good["status"]) == ("corrections", "full", "published"), str(good)[:3000]
         v2 = good["published_version"]
         assert good["gate"]["passed"] and good["champion_version"] == v1
         assert registry.current_version(root) == v2
@@ -259,3 +259,33 @@ async def test_trainer_migrations_are_idempotent_and_reversible() -> None:
             assert {r[0] for r in await conn.fetch(sql, schema)} == {"alembic_version"}
         finally:
             await conn.close()
+
+
+async def test_a_run_killed_mid_way_consumed_no_correction_and_is_queued_again(world: World, root: Path) -> None:
+    """The trainer died while a run held corrections up to seq 50: after the restart those corrections are
+    still new (the watermark counts completed runs only), and the run is queued again, once."""
+    from flockwatch.common.bus import create_bus
+    from flockwatch.trainer.app import RETRY, TrainerService
+
+    async with running_trainer(world, root, trainer_check_interval_s=3600) as (trainer, _):
+        store = trainer.store
+        await store.add_run("done-1", "full", "corrections", "60 new clean corrections")
+        await store.update("done-1", status="published", feedback_watermark=10)
+        await store.add_run("dead-1", "full", "corrections", "70 new clean corrections")
+        await store.update("dead-1", status="running", feedback_watermark=50)
+        await store.add_run("dead-2", "full", "command", f"{RETRY} x (a retry that died too)")
+        await store.update("dead-2", status="running", feedback_watermark=60)
+        assert await store.watermark() == 10  # what the dead runs held is not consumed
+
+        restarted = TrainerService(create_bus(trainer.settings), trainer.settings)  # the next start
+        await restarted.start()
+        try:
+            runs = {r["run_id"]: r for r in await store.runs(limit=20)}
+            assert runs["dead-1"]["status"] == runs["dead-2"]["status"] == "failed"
+            retries = [r for r in runs.values() if (r["reason"] or "").startswith(f"{RETRY} dead-1")]
+            assert len(retries) == 1 and retries[0]["kind"] == "full" and retries[0]["trigger"] == "corrections"
+            assert not [r for r in runs.values() if (r["reason"] or "").startswith(f"{RETRY} dead-2")]
+            for run in await store.active():
+                await restarted.cancel(run["run_id"])
+        finally:
+            await restarted.stop()
