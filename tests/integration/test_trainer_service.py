@@ -206,6 +206,12 @@ async def test_drift_queues_a_recalibration_then_a_full_retrain(world: World, ro
 
         async def drifted(tag: str) -> None:
             """Decisions of the champion's arbiter far less confident than on its calibration texts."""
+
+            async def ready() -> bool:  # a published recalibration restarts the monitor on the new champion
+                return trainer.drift.monitor is not None
+
+            await wait_until(ready, 60, "the drift monitor of the champion")
+            assert trainer.drift.monitor is not None
             version = trainer.drift.monitor.state.version
             events = [
                 Decision(

@@ -22,6 +22,16 @@ SERVICE = textwrap.dedent(
         pool.terminate()
         pool.join()
 
+    def fork_work() -> None:  # the same signal, deterministically: a forked child told to stop
+        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+        child.start()
+        time.sleep(0.2)
+        os.kill(child.pid, signal.SIGTERM)
+        child.join(3)
+        if child.is_alive():  # (it ignored SIGTERM: the parent's handler, inherited)
+            child.kill()
+            child.join()
+
     class Forker(Service):
         name = "forker"
 
@@ -29,7 +39,9 @@ SERVICE = textwrap.dedent(
             asyncio.get_running_loop().call_later(0.2, lambda: asyncio.ensure_future(self.work()))
 
         async def work(self) -> None:
-            await asyncio.to_thread(pool_work)
+            if sys.argv[1] == "protected":  # (a pool's workers that ignore SIGTERM would hang its join)
+                await asyncio.to_thread(pool_work)
+            await asyncio.to_thread(fork_work)
             print("pool ended", flush=True)
             await asyncio.sleep(1.0)
             print("still running", flush=True)
