@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 FW := $(BIN)/flockwatch
 
-.PHONY: install data models models-finetune demo demo-redis test lint typecheck bench bench-throughput bench-quality bench-quality-validity bench-feedback bench-resources asyncapi clean
+.PHONY: install data models models-finetune train-all eval-all test-safety serve generate-disagreements format demo demo-redis test lint typecheck bench bench-throughput bench-quality bench-quality-validity bench-feedback bench-resources asyncapi clean
 
 install: $(VENV)/.installed
 
@@ -23,12 +23,44 @@ data: install
 
 models/sms/current/manifest.json: | data
 	$(FW) train --data data/sms.csv --out models/sms --labels configs/sms/labels.yaml --rules configs/sms/rules.yaml \
-		--slices configs/sms/slices.yaml --conformal configs/sms/conformal.yaml --lfs configs/sms/lfs.yaml --test-frac 0.25
+		--slices configs/sms/slices.yaml --conformal configs/sms/conformal.yaml --lfs configs/sms/lfs.yaml --test-frac 0.25 \
+		--must-catch configs/sms/must_catch.csv
 
 models: models/sms/current/manifest.json
 
+# both bundled tasks, each with its own configs and the trainer's held-out quarter (what eval-all evaluates on)
+models/trec/current/manifest.json: | data
+	$(FW) train --data data/trec.csv --out models/trec --labels configs/trec/labels.yaml --rules configs/trec/rules.yaml \
+		--slices configs/trec/slices.yaml --conformal configs/trec/conformal.yaml --lfs configs/trec/lfs.yaml --test-frac 0.25
+
+train-all: models models/trec/current/manifest.json
+
+eval-all: train-all
+	$(FW) eval --models models/sms/current --data data/sms.csv --test-frac 0.25 --out reports/sms
+	$(FW) eval --models models/trec/current --data data/trec.csv --test-frac 0.25 --out reports/trec
+
+# every service in one process on the embedded bus (FLOCKWATCH_BUS_URL for a broker), gateway on :8000
+# the curated must-catch cases (configs/<task>/must_catch.csv): exit 1 if the bundle answers one wrongly; the
+# trainer's gate runs the same check on every challenger whose bundle carries them
+test-safety: models
+	$(FW) safety --models models/sms/current
+
+serve: models
+	FLOCKWATCH_MODEL_DIR=$${FLOCKWATCH_MODEL_DIR:-models/sms/current} $(FW) serve
+
+# the review queue (reviewer conflicts, then what the voters disagreed on) from the feedback database
+generate-disagreements: install
+	$(FW) feedback disagreements --out reports/disagreements.jsonl
+
+format: install
+	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
+
 demo: models
 	$(FW) demo --models models/sms/current --data data/sms.csv --n 40
+
+# the same demo over Redis Streams (the local Redis; REDIS_URL to point elsewhere)
+demo-redis: models
+	$(FW) demo --models models/sms/current --data data/sms.csv --n 40 --bus $${REDIS_URL:-redis://127.0.0.1:6379/0}
 
 test: data
 	$(BIN)/python -m pytest -q
@@ -80,4 +112,4 @@ asyncapi: install
 	$(FW) asyncapi --out docs/asyncapi.json
 
 clean:
-	rm -rf $(VENV) data models .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) data models reports .pytest_cache .ruff_cache .mypy_cache

@@ -94,6 +94,10 @@ def train(
         float, typer.Option(help="holdout: the share of training texts kept for calibration (the trainer's: 1/3)")
     ] = CALIBRATION_FRACTION,
     folds: Annotated[int, typer.Option(help="Cross-fitting folds shared by every voter and the combiner")] = 5,
+    must_catch: Annotated[
+        Path | None,
+        typer.Option(help="CSV of texts (text,label) never to be answered wrongly: carried by the bundle, gated on"),
+    ] = None,
 ) -> None:
     """Train every configured voter and the arbiter on every labeled text; evaluate on --test if given."""
     from flockwatch.classical_voter.encoder import checked_folder, packaged_minilm
@@ -111,6 +115,7 @@ def train(
         )
         config.test = read_table(test, text_col, label_col) if test else None
         config.test_frac, config.cal_frac = test_frac, cal_frac
+        config.must_catch = must_catch
         config.calibration = "holdout" if calibration == "holdout" else "crossfit"
         if finetune:
             from flockwatch.classical_voter.finetune import FinetuneConfig
@@ -131,6 +136,35 @@ def train(
     for line in certification_lines(risk):
         console.print(line)
     console.print(f"bundle: {bundle}")
+
+
+@app.command()
+def safety(
+    models: Annotated[Path, typer.Option(help="A model bundle directory (e.g. models/sms/current)")],
+    cases: Annotated[
+        Path | None, typer.Option(help="Must-catch CSV (text,label); default: the one the bundle carries")
+    ] = None,
+) -> None:
+    """Decide the must-catch cases as the services would; exit 1 if any is answered with another label
+    (an abstention is not a miss: the text goes to a person)."""
+    from flockwatch.trainer.safety import bundle_cases, check_must_catch, load_cases
+
+    try:
+        data = load_cases(cases) if cases else bundle_cases(models)
+        if data is None:
+            raise ValueError(f"{models} carries no must-catch cases; pass --cases")
+        result = check_must_catch(models, data)
+    except (DataError, ArtifactError, ValueError, OSError) as exc:
+        _fail(exc)
+    console.print(
+        f"must-catch: {result.n} cases, {result.caught} caught, {result.abstained} sent to review, "
+        f"{len(result.missed)} missed"
+    )
+    for miss in result.missed:
+        said = f"{miss['label']} → {miss['prediction']} ({miss['confidence']})"
+        console.print(f"  [red]missed[/red] {said}: {miss['text']}")
+    if not result.passed:
+        raise typer.Exit(1)
 
 
 @app.command("eval")

@@ -99,3 +99,25 @@ def export(
         writer.writerow(["text", "label"])
         writer.writerows(rows.rows)
     console.print(f"wrote {len(rows.rows)} rows to {out}; watermark {rows.watermark}; excluded {rows.excluded}")
+
+
+@feedback_app.command()
+def disagreements(
+    out: Annotated[Path, typer.Option(help="JSONL to write: one review item per line, highest priority first")],
+    limit: Annotated[int, typer.Option(min=1, help="Items at most")] = 500,
+    database_url: DatabaseOpt = None,
+    schema: SchemaOpt = None,
+) -> None:
+    """Export the review queue: reviewer conflicts and flagged labels, then the decisions the voters
+    disagreed on or the ensemble was unsure of (disagreement × harm), as the review page orders them."""
+    import json
+
+    from flockwatch.feedback.review import review_queue
+
+    s = _settings(database_url, schema)
+    queue = asyncio.run(_with_store(s, lambda store, task: review_queue(store, task, limit=limit)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8") as f:
+        for item in queue["items"]:
+            f.write(json.dumps(item, default=str, ensure_ascii=False) + "\n")
+    console.print(f"wrote {len(queue['items'])} of {queue['total']} items to review to {out}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,13 +20,21 @@ from flockwatch.common.artifacts import read_manifest, verified_file
 from flockwatch.common.datasets import Dataset, read_table
 from flockwatch.trainer import data as rundata
 from flockwatch.trainer.evaluate import collect
-from flockwatch.trainer.gate import GateConfig, GateResult, HeldOut, Outputs, decide, summary_line
+from flockwatch.trainer.gate import Check, GateConfig, GateResult, HeldOut, Outputs, decide, summary_line
 from flockwatch.trainer.pipeline import Progress, TrainConfig, train
 from flockwatch.trainer.registry import finalize
+from flockwatch.trainer.safety import MUST_CATCH, bundle_cases, check_must_catch
 from pydantic import BaseModel, Field
 
 RESULT = "result.json"
-CONFIG_FILES = ("labels", "rules", "slices", "conformal")
+# the task's configuration a retrain takes from the champion unless told otherwise: key → file in the bundle
+CONFIG_FILES = {
+    "labels": "labels.yaml",
+    "rules": "rules.yaml",
+    "slices": "slices.yaml",
+    "conformal": "conformal.yaml",
+    "must_catch": MUST_CATCH,
+}
 
 
 class JobSpec(BaseModel):
@@ -53,7 +62,7 @@ def _config(spec: JobSpec, key: str) -> Path | None:
     """An explicitly configured file, else the champion's copy (a retrain keeps the task's configuration)."""
     if spec.configs.get(key) is not None:
         return spec.configs[key]
-    rel = f"{key}.yaml"
+    rel = CONFIG_FILES.get(key, f"{key}.yaml")
     if key in CONFIG_FILES and spec.champion and rel in read_manifest(spec.champion, verify=False).files:
         return verified_file(spec.champion, rel)
     return None
@@ -74,6 +83,7 @@ def _train_full(spec: JobSpec, run: rundata.RunData, held: Dataset, progress: Pr
         llm=llm,
         folds=spec.folds,
         embedding=spec.configs.get("embedding"),
+        must_catch=_config(spec, "must_catch"),
     )
     if spec.configs.get("llm_base") is not None:
         config.llm_base = Path(str(spec.configs["llm_base"]))
@@ -104,7 +114,13 @@ def gate_candidate(
     challenger, slices = _outputs(candidate, held.data, classes := _classes(candidate))
     y = np.array([classes.index(label) for label in held.data.labels], dtype=np.int64)
     champ = _outputs(champion, held.data, classes)[0] if champion is not None else None
-    return decide(HeldOut(y, classes, slices, held.reference), challenger, champ, kind, cfg)
+    result = decide(HeldOut(y, classes, slices, held.reference), challenger, champ, kind, cfg)
+    cases = bundle_cases(candidate)
+    if cases is None:
+        return result
+    safety = check_must_catch(candidate, cases)  # a challenger that answers one case wrongly is rejected
+    check = Check("must_catch", safety.passed, safety.to_dict())
+    return replace(result, checks=[*result.checks, check], passed=result.passed and safety.passed)
 
 
 def _trained(bundle: Path) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from flockwatch.regex_voter.rules import load_rules
 from flockwatch.trainer.crossfit import out_of_fold_metrics
 from flockwatch.trainer.evaluate import evaluate
 from flockwatch.trainer.plan import Costs, choose_plan, measure_costs
+from flockwatch.trainer.safety import MUST_CATCH, check_must_catch, load_cases
 from flockwatch.ws_voter.app import save as save_ws
 from flockwatch.ws_voter.lfs import load_lfs
 from flockwatch.ws_voter.model import WSModel
@@ -66,6 +67,7 @@ class TrainConfig:
     test_frac: float = 0.0  # without `test`: hold out this share of `data` (by text hash) for the test report
     calibration: Literal["crossfit", "holdout"] = "crossfit"
     cal_frac: float = CALIBRATION_FRACTION  # holdout: the share of the training texts kept for calibration
+    must_catch: Path | None = None  # curated cases the bundle must never answer wrongly (checked by the gate)
 
 
 def _labels(config: TrainConfig) -> LabelConfig:
@@ -96,6 +98,9 @@ def train(config: TrainConfig, progress: Progress = lambda _: None) -> Path:
         shutil.copyfile(config.slices, staging / "slices.yaml")
     conformal = ConformalConfig.load(config.conformal)
     _dump_yaml(conformal.model_dump(), staging / "conformal.yaml")
+    if config.must_catch:
+        load_cases(config.must_catch)  # readable before hours of training, not after
+        shutil.copyfile(config.must_catch, staging / MUST_CATCH)
     if config.rules:
         progress("regex rules")
         engine = RuleEngine(load_rules(config.rules, labels), labels)
@@ -177,6 +182,9 @@ def train(config: TrainConfig, progress: Progress = lambda _: None) -> Path:
     else:
         metrics = out_of_fold_metrics(oof, policy, y_train if crossfit else y_cal, classes)
     metrics["calibration"] = policy.calibration_report
+    if config.must_catch:
+        progress("must-catch cases")
+        metrics["must_catch"] = check_must_catch(staging, load_cases(staging / MUST_CATCH)).to_dict()
     if ws_report:
         metrics["ws_choice"] = ws_report
     if llm_report:

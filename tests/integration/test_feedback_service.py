@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import datetime
+from pathlib import Path
 
 import httpx
 import pytest
@@ -171,6 +172,24 @@ async def test_review_queue_ranks_by_disagreement_times_harm_and_drops_reviewed_
     assert split["text"].startswith("Hi <NAME>")
     await client.post("/feedback", json={"text_id": "split", "label": "spam", "reviewer_id": "ann"})
     assert [i["text_id"] for i in (await client.get("/review/queue")).json()["items"]] == ["unsure"]
+
+
+async def test_the_review_queue_exports_as_jsonl(service: FeedbackService, tmp_path: Path) -> None:
+    """`flockwatch feedback disagreements` (`make generate-disagreements`): the queue the review page shows."""
+    import json
+
+    from flockwatch.cli.main import app
+    from typer.testing import CliRunner
+
+    await seed(service)
+    out = tmp_path / "review.jsonl"
+    args = ["feedback", "disagreements", "--out", str(out), "--database-url", DSN]
+    args += ["--schema", service.settings.feedback_db_schema]
+    result = await asyncio.to_thread(CliRunner().invoke, app, args)
+    assert result.exit_code == 0, result.output
+    items = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert {i["text_id"] for i in items} == {"split", "unsure"} and "2 of 2" in result.output
+    assert all(i["reasons"] and i["priority"] > 0 for i in items)
 
 
 async def test_conflicting_reviewers_are_reported_and_sent_back_to_review(
