@@ -187,6 +187,11 @@ class ModelPublished(Event):
     path: str = Field(description="Artifact directory (shared volume or object-store path).")
     manifest_sha256: str
     metrics: dict[str, float] = Field(default_factory=dict)
+    signature: str | None = Field(
+        None,
+        description="HMAC-SHA256 (hex) over message id, component, version, path and manifest sha256 with the key "
+        "the services share (FLOCKWATCH_BUNDLE_KEY); services with a key refuse an announcement without it.",
+    )
 
 
 class DeadLetter(Event):

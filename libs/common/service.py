@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Literal, cast
 
 from flockwatch.common import heap, telemetry, topics
-from flockwatch.common.artifacts import ArtifactError, check_announced, load_json
+from flockwatch.common.announcements import Announcements
+from flockwatch.common.artifacts import ArtifactError, load_json
 from flockwatch.common.bus import Bus
 from flockwatch.common.events import ModelPublished, TextSubmitted, Vote, VoteRequested
 from flockwatch.common.settings import CommonSettings
@@ -67,6 +68,7 @@ class VoterService(Service):
         self.every_text = mode != "cascade"  # "auto": set from each bundle on load
         self.expired = 0  # cascade requests that arrived past their deadline (not answered)
         self._cost: tuple[VoterCore, float] | None = None  # a core's smoothed ms per text (unknown: a thread)
+        self.announcements = Announcements(settings, self.name)
         if mode != "cascade":
             bus.subscribe(topics.TEXT_SUBMITTED, TextSubmitted, group=self.name)(self.on_texts)
         if mode != "always":
@@ -138,16 +140,13 @@ class VoterService(Service):
 
     async def on_model(self, msgs: list[ModelPublished]) -> list[Vote]:
         """Hot reload: swap in a newly published bundle; keep the old one if the new one is refused."""
-        for msg in msgs:
-            if msg.component not in ("bundle", self.name):
-                continue
+        for msg, path in await self.announcements.admit(m for m in msgs if m.component in ("bundle", self.name)):
             try:
-                await asyncio.to_thread(check_announced, Path(msg.path), msg.manifest_sha256)
-                self.core = await asyncio.to_thread(self.load, Path(msg.path))
+                self.core = await asyncio.to_thread(self.load, path)
             except (ArtifactError, OSError, ValueError, TypeError) as exc:
-                log.error("%s: refused model %s from %s: %s", self.name, msg.version, msg.path, exc)
+                log.error("%s: refused model %s from %s: %s", self.name, msg.version, path, exc)
                 continue
-            self._announce(Path(msg.path))
+            self._announce(path)
             heap.settle()  # the old model collected, the new one frozen
         return []
 

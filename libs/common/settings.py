@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from flockwatch.common.tokens import valid_rate
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 BUS_SCHEMES = ("memory", "kafka", "redis", "rediss", "nats")
@@ -27,6 +27,16 @@ class CommonSettings(BaseSettings):
     bus_url: str = Field("memory://", description="memory:// | kafka://host:port | redis://… | nats://…")
     instance_id: str = Field(default_factory=default_instance_id, description="Unique per instance.")
     model_dir: Path = Field(Path("models/sms/current"), description="The model bundle the services load.")
+    model_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Directories besides MODEL_DIR's models root whose bundles an announcement may name "
+        "(comma-separated); a bundle anywhere else is refused.",
+    )
+    bundle_key: SecretStr | None = Field(
+        None,
+        description="Shared key of the HMAC-SHA256 that signs model announcements (ModelPublished); set: unsigned "
+        "or wrongly signed announcements are refused. Unset: any bus writer can announce a bundle (warned at start).",
+    )
     batch_max: int = Field(256, ge=1, le=10_000, description="Most messages a handler takes at once.")
     batch_wait_ms: int = Field(
         5,
@@ -111,6 +121,11 @@ class CommonSettings(BaseSettings):
     @classmethod
     def _origins(cls, value: object) -> object:
         return [o.strip() for o in value.split(",") if o.strip()] if isinstance(value, str) else value
+
+    @field_validator("model_roots", mode="before")
+    @classmethod
+    def _roots(cls, value: object) -> object:
+        return [r.strip() for r in value.split(",") if r.strip()] if isinstance(value, str) else value
 
     @field_validator("bus_url")
     @classmethod

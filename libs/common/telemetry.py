@@ -58,6 +58,10 @@ RATE_LIMITED = Counter("flockwatch_http_rate_limited_total", "Requests refused o
 RATE_LIMIT_ERRORS = Counter("flockwatch_http_rate_limit_errors_total", "Rate-limit checks skipped (storage down)")
 CACHE_LOOKUPS = Counter("flockwatch_gateway_cache_total", "Prediction cache lookups", ["result"])  # hit/miss/error
 CACHE_WRITES = Counter("flockwatch_gateway_cache_writes_total", "Decisions offered to the cache", ["result"])
+# reason: signature (missing or wrong), outside (not under a models root), bundle (manifest or files do not match)
+ANNOUNCEMENTS_REFUSED = Counter(
+    "flockwatch_announcements_refused_total", "Model announcements (ModelPublished) refused", ["service", "reason"]
+)
 
 _versions: dict[str, str] = {}  # component → the version MODEL_INFO shows
 

@@ -14,9 +14,9 @@ from flockwatch.arbiter.liveness import VoterWatch
 from flockwatch.arbiter.model import ArbiterPolicy, DecideItem, Escalation
 from flockwatch.arbiter.settings import ArbiterSettings
 from flockwatch.common import heap, telemetry, topics
+from flockwatch.common.announcements import Announcements
 from flockwatch.common.artifacts import (
     ArtifactError,
-    check_announced,
     load_joblib,
     load_json,
     read_manifest,
@@ -63,6 +63,7 @@ class ArbiterService(Service):
         self.voters = VoterWatch(silence_ms / 1000, settings.arbiter_max_extra_wait_ms / 1000)
         bus.subscribe(topics.TEXT_SUBMITTED, TextSubmitted, group=self.name)(self.on_texts)
         bus.subscribe(topics.VOTE_CAST, Vote, group=self.name, published=self.published)(self.on_votes)
+        self.announcements = Announcements(settings, self.name)
         bus.subscribe(topics.MODEL_PUBLISHED, ModelPublished, group=self.name, broadcast=True)(self.on_model)
 
     @property
@@ -133,16 +134,14 @@ class ArbiterService(Service):
 
     async def on_model(self, msgs: list[ModelPublished]) -> list[Event]:
         """Hot reload of the arbiter policy; a refused artifact keeps the current one."""
-        for msg in msgs:
-            if msg.component in ("bundle", self.name):
-                try:
-                    await asyncio.to_thread(check_announced, Path(msg.path), msg.manifest_sha256)
-                    policy = await asyncio.to_thread(load_policy, Path(msg.path))
-                except (ArtifactError, OSError, ValueError, TypeError) as exc:
-                    log.error("arbiter: refused model %s: %s", msg.version, exc)
-                    continue
-                self._use(policy)
-                heap.settle()  # the old policy collected, the new one frozen
+        for msg, path in await self.announcements.admit(m for m in msgs if m.component in ("bundle", self.name)):
+            try:
+                policy = await asyncio.to_thread(load_policy, path)
+            except (ArtifactError, OSError, ValueError, TypeError) as exc:
+                log.error("arbiter: refused model %s: %s", msg.version, exc)
+                continue
+            self._use(policy)
+            heap.settle()  # the old policy collected, the new one frozen
         return []
 
     async def _decide(self, ready: list[Ready]) -> list[Event]:

@@ -6,11 +6,11 @@ import asyncio
 import hashlib
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 from flockwatch.common import topics
-from flockwatch.common.artifacts import ArtifactError, check_announced
+from flockwatch.common.announcements import Announcements
+from flockwatch.common.artifacts import ArtifactError
 from flockwatch.common.bus import Bus
 from flockwatch.common.datasets import normalize
 from flockwatch.common.events import Decision, FeedbackSubmitted, ModelPublished, TextSubmitted
@@ -61,6 +61,7 @@ class FeedbackService(Service):
         bus.subscribe(topics.TEXT_SUBMITTED, TextSubmitted, group=GROUP)(self.on_texts)
         bus.subscribe(topics.DECISION_MADE, Decision, group=GROUP)(self.on_decisions)
         bus.subscribe(topics.FEEDBACK_SUBMITTED, FeedbackSubmitted, group=GROUP)(self.on_feedback)
+        self.announcements = Announcements(self.settings, "feedback")
         bus.subscribe(topics.MODEL_PUBLISHED, ModelPublished, group=GROUP, broadcast=True)(self.on_model)
 
     @property
@@ -205,14 +206,11 @@ class FeedbackService(Service):
 
     async def on_model(self, msgs: list[ModelPublished]) -> list[Any]:
         """A new bundle may bring new labels or rules: reload them (keep the old ones if they fail)."""
-        for msg in msgs:
-            if msg.component not in ("bundle", "regex_voter"):
-                continue
+        for msg, path in await self.announcements.admit(m for m in msgs if m.component in ("bundle", "regex_voter")):
             try:
-                await asyncio.to_thread(check_announced, Path(msg.path), msg.manifest_sha256)
                 self.task = await asyncio.to_thread(
-                    load_task, self.settings.feedback_labels, self.settings.feedback_rules, Path(msg.path)
+                    load_task, self.settings.feedback_labels, self.settings.feedback_rules, path
                 )
             except (ArtifactError, OSError, ValueError) as exc:
-                log.error("feedback: kept the old task config; %s from %s failed: %s", msg.version, msg.path, exc)
+                log.error("feedback: kept the old task config; %s from %s failed: %s", msg.version, path, exc)
         return []

@@ -26,7 +26,8 @@ from typing import TypeVar
 
 import redis.asyncio as aioredis
 from flockwatch.common import telemetry
-from flockwatch.common.artifacts import ArtifactError, check_announced, manifest_sha256, read_manifest
+from flockwatch.common.announcements import Announcements
+from flockwatch.common.artifacts import ArtifactError, manifest_sha256, read_manifest
 from flockwatch.common.events import Decision, Event, ModelPublished, TextSubmitted, Vote, utcnow
 from flockwatch.gateway.settings import GatewaySettings
 from pydantic import ValidationError
@@ -85,6 +86,7 @@ class PredictionCache:
         self._served: OrderedDict[str, None] = OrderedDict()  # text ids answered from the cache
         self._purge: asyncio.Task[int] | None = None
         self._warned_at = 0.0
+        self.announcements = Announcements(settings, "gateway")
 
     @property
     def active(self) -> bool:
@@ -181,14 +183,12 @@ class PredictionCache:
         """The prediction cache: key texts by the published versions, delete the entries made by other ones."""
         if self._redis is None:
             return []
-        for msg in msgs:
-            if msg.component == "bundle":
-                try:  # the services refuse a bundle that is not the one announced, and keep theirs: so does the cache
-                    check_announced(Path(msg.path), msg.manifest_sha256)
-                except (ArtifactError, OSError) as exc:
-                    log.error("gateway: prediction cache stays on the bundle in force: %s", exc)
-                    continue
-            self._switch(Path(msg.path), msg.component, msg.version)
+        # the services refuse the announcements the gate refuses, and keep their bundle: so does the cache
+        admitted = await self.announcements.admit(msgs)
+        for msg, path in admitted:
+            self._switch(path, msg.component, msg.version)
+        if not admitted:
+            return []
         if self._purge is not None:  # a purge for an earlier announcement would keep that version's entries
             self._purge.cancel()
         self._purge = asyncio.create_task(self.purge(), name="gateway-cache-purge")

@@ -253,7 +253,7 @@ class TrainerService(Service):
             return
         candidate = Path(result["candidate"])
         target = await asyncio.to_thread(registry.promote, self.settings.models_root, candidate, run_id=run_id)
-        await self.bus.publish([registry.announcement(target)])
+        await self.bus.publish([registry.announcement(target, self.settings.bundle_key)])
         shutil.rmtree(candidate.parent.parent, ignore_errors=True)  # the run's work directory
         await self._finish(run_id, "published", published_version=target.name, progress=summary_line(gate))
 

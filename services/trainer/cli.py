@@ -124,7 +124,7 @@ def rollback(
     except ArtifactError as exc:
         _fail(str(exc))
         return
-    asyncio.run(publish(settings, registry.announcement(target)))
+    asyncio.run(publish(settings, registry.announcement(target, settings.bundle_key)))
     console.print(f"{name}: current → {version}; announced on {settings.bus_url}")
     if settings.bus_scheme == "memory":
         console.print("[yellow]the bus is memory:// (this process only): running services reload only on restart")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from flockwatch.common import telemetry
+from flockwatch.common.announcements import Announcements
 from flockwatch.common.artifacts import ArtifactError
 from flockwatch.common.datasets import Dataset, read_table, split
 from flockwatch.common.events import Decision, ModelPublished
@@ -42,6 +43,7 @@ class DriftWatch:
         self.reference: list[float] = []
         self.last_alarm: dict[str, Any] | None = None
         self._texts: list[str] | None = None
+        self.announcements = Announcements(service.settings, "trainer")
 
     def _reference_texts(self) -> list[str]:
         if self._texts is None:
@@ -95,9 +97,9 @@ class DriftWatch:
 
     async def on_model(self, msgs: list[ModelPublished]) -> list[Any]:
         """A newly published (or rolled-back-to) bundle: a new reference, a fresh monitor."""
-        for msg in msgs:
-            if msg.component == "bundle" and Path(msg.path).resolve().name != self.champion:
-                await self.reset(Path(msg.path))
+        for _, path in await self.announcements.admit(m for m in msgs if m.component == "bundle"):
+            if path.name != self.champion:
+                await self.reset(path)
         return []
 
     async def _alarm(self, monitor: DriftMonitor) -> None:

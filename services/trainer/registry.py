@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from flockwatch.common.announcements import signed
 from flockwatch.common.artifacts import (
     MANIFEST,
     ArtifactError,
@@ -27,6 +28,7 @@ from flockwatch.common.artifacts import (
 )
 from flockwatch.common.events import ModelPublished
 from flockwatch.trainer.gate import summary_line
+from pydantic import SecretStr
 
 HISTORY = "history.jsonl"
 GATE_FILE = "gate.json"
@@ -129,14 +131,15 @@ def rollback(root: Path, version: str, **extra: Any) -> Path:
     return target
 
 
-def announcement(directory: Path) -> ModelPublished:
-    """The `ModelPublished` for a bundle (a fresh message id: re-announcing an old version is a new event)."""
+def announcement(directory: Path, key: SecretStr | None = None) -> ModelPublished:
+    """The `ModelPublished` for a bundle (a fresh message id: re-announcing an old version is a new event),
+    signed with `key` (FLOCKWATCH_BUNDLE_KEY) when there is one."""
     directory = directory.resolve()
     manifest = read_manifest(directory, verify=False)
     floats = {
         k: float(v) for k, v in manifest.metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)
     }
-    return ModelPublished(
+    event = ModelPublished(
         message_id=f"model:{manifest.name}:{manifest.version}:{uuid.uuid4().hex[:12]}",
         component="bundle",
         version=manifest.version,
@@ -144,6 +147,7 @@ def announcement(directory: Path) -> ModelPublished:
         manifest_sha256=manifest_sha256(directory),
         metrics=floats,
     )
+    return signed(event, key)
 
 
 def describe(root: Path, manifest: Manifest) -> dict[str, Any]:

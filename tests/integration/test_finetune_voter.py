@@ -166,7 +166,9 @@ async def test_service_votes_with_the_fine_tuned_bundle_and_hot_reloads(
     core: EmbeddingCore, trained: tuple[Path, EmbeddingFit, list], tmp_path: Path
 ) -> None:
     bundle = trained[0]
-    settings = EmbeddingSettings(_env_file=None, bus_url="memory://", model_dir=bundle, embedding_mode="always")
+    settings = EmbeddingSettings(
+        _env_file=None, bus_url="memory://", model_dir=bundle, embedding_mode="always", model_roots=[tmp_path]
+    )
     bus = create_bus(settings)
     service = EmbeddingVoterService(bus, settings)
     votes: list[Vote] = []

@@ -70,7 +70,9 @@ async def test_a_corrupt_bundle_is_refused_and_the_previous_version_keeps_servin
     caplog.set_level(logging.ERROR)
     tampered = tampered_copy(sms_bundle, tmp_path / "tampered")
     v2 = next_version(sms_bundle, tmp_path / "v2")
-    settings = GatewaySettings(_env_file=None, bus_url=redis_url, model_dir=sms_bundle, instance_id="reload")
+    settings = GatewaySettings(
+        _env_file=None, bus_url=redis_url, model_dir=sms_bundle, instance_id="reload", model_roots=[tmp_path]
+    )
     bus, services = build(["regex_voter", "classical_voter", "arbiter"], settings)
     voters = {s.name: s for s in services if isinstance(s, VoterService)}
     arbiter = next(s for s in services if s.name == "arbiter")
@@ -83,6 +85,7 @@ async def test_a_corrupt_bundle_is_refused_and_the_previous_version_keeps_servin
 
     async with fresh_schema() as schema:
         feedback_settings = {"bus_url": redis_url, "model_dir": sms_bundle, "instance_id": "reload-feedback"}
+        feedback_settings |= {"model_roots": [tmp_path]}  # where the test's versions lie
         feedback_settings |= {"feedback_labels": None, "feedback_rules": None}  # its task comes from the bundle
         async with running_service(schema, **feedback_settings) as feedback:
             for service in services:

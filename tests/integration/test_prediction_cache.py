@@ -120,6 +120,7 @@ async def test_model_published_invalidates_the_cache(sms_bundle: Path, prefix: s
     sent: list[str] = []
     new = republished(sms_bundle, tmp_path / "v2")
     cache: dict[str, Any] = {"gateway_cache_url": REDIS, "gateway_cache_prefix": prefix}
+    cache["model_roots"] = str(tmp_path)  # the new version lies outside the fixture bundle's models root
     async with stack(sms_bundle, extra=submitted_into(sent), **cache) as (client, bus):
         await client.post("/predict", json={"text": HAM, "text_id": "m-1"})
         await until(lambda: cached_keys(prefix), "the first decision cached")

@@ -1,0 +1,20 @@
+"""docker-compose gives every Flockwatch service the key that signs model announcements (issue 19, item 6)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+COMPOSE = Path(__file__).resolve().parents[2] / "docker-compose.yml"
+
+
+def test_every_flockwatch_service_in_compose_shares_the_bundle_key() -> None:
+    services: dict[str, dict[str, Any]] = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))["services"]
+    ours = {name: s for name, s in services.items() if "FLOCKWATCH_BUS_URL" in (s.get("environment") or {})}
+    assert {"gateway", "classical_voter", "arbiter", "trainer", "feedback"} <= set(ours)
+    keys = {name: s["environment"].get("FLOCKWATCH_BUNDLE_KEY") for name, s in ours.items()}
+    assert all(keys.values()), f"no FLOCKWATCH_BUNDLE_KEY: {sorted(n for n, k in keys.items() if not k)}"
+    assert len(set(keys.values())) == 1  # one key, shared
+    assert next(iter(keys.values())).startswith("${FLOCKWATCH_BUNDLE_KEY:?")  # required: no default key
