@@ -133,7 +133,7 @@ def train(
     risk = metrics.get("calibration", {}).get("risk", {})
     if risk.get("frontier"):
         console.print(frontier_table(risk))
-    for line in certification_lines(risk):
+    for line in certification_lines(risk, metrics.get("calibration", {}).get("scheme")):
         console.print(line)
     console.print(f"bundle: {bundle}")
 
