@@ -24,9 +24,10 @@ class TrainingRows:
     excluded: dict[str, int] = field(default_factory=dict)
 
 
-def hygiene_rows(groups: list[Group], classes: list[str] | None) -> list[tuple[str, str, str, bool]]:
-    """(feedback id, text, effective label, protected) for each reviewer's latest unflagged label on a known
-    text; protected when another reviewer gave the same label (people who agree outrank the model)."""
+def hygiene_rows(groups: list[Group], classes: list[str] | None) -> list[tuple[str, str, str, bool, str, str]]:
+    """(feedback id, text, effective label, protected, reviewer, text id) for each reviewer's latest unflagged
+    label on a known text; protected when another reviewer gave the same label (people who agree outrank the
+    model)."""
     out = []
     for group in groups:
         text = group.text
@@ -36,7 +37,7 @@ def hygiene_rows(groups: list[Group], classes: list[str] | None) -> list[tuple[s
         agree = Counter(c.label for c in latest)
         for c in latest:
             if c.label is not None and (classes is None or c.label in classes):
-                out.append((c.feedback_id, text, c.label, agree[c.label] >= 2))
+                out.append((c.feedback_id, text, c.label, agree[c.label] >= 2, c.reviewer_id, c.text_id))
     return out
 
 
@@ -45,11 +46,14 @@ async def run_hygiene(
 ) -> dict[str, Any]:
     """Flag likely label errors among the corrections (they go back to the review queue) and record the run."""
     rows = hygiene_rows(await feedback_groups(store), classes)
+    deployed = await store.probabilities_of([r[5] for r in rows])
     report = await asyncio.to_thread(
         find_issues,
         [r[1] for r in rows],
         [r[2] for r in rows],
         protected=[r[3] for r in rows],
+        reviewers=[r[4] for r in rows],
+        deployed=[deployed.get(r[5]) for r in rows],
         folds=folds,
         min_rows=min_rows,
     )

@@ -159,6 +159,37 @@ def test_hygiene_never_flags_protected_rows() -> None:
     assert find_issues(texts, labels, protected=protected, folds=4, min_rows=10).issues == []
 
 
+def test_hygiene_protects_an_honest_reviewer_and_catches_a_poisoner(data_files: dict[str, Path]) -> None:
+    """The loop's poisoning scenario: a champion trained without 'call' spam; an honest reviewer corrects 60
+    texts of a 'call' spam campaign it misses (and confirms 30 ordinary ham); a poisoner labels 60 ordinary
+    'call' messages spam. The issue's bar: the honest reviewer's flagged share ≤ 10 %, the poisoner's ≥ 80 %."""
+    import re
+
+    from flockwatch.common.datasets import read_table
+    from flockwatch.feedback.hygiene import _model
+
+    call = re.compile(r"\bcall\b", re.IGNORECASE)
+    rows = list(zip(*(lambda d: (d.texts, d.labels))(read_table(data_files["sms"], "text", "label")), strict=True))
+    base = [(t, y) for t, y in rows[:1000] if not (y == "spam" and call.search(t))]
+    live = [(t, y) for t, y in rows[1000:] if len(t) <= 1000]
+    campaign = [t for t, y in live if y == "spam" and call.search(t)][:60]
+    ordinary = [t for t, y in live if y == "ham" and not call.search(t)][:30]
+    poison = [t for t, y in live if y == "ham" and call.search(t)][:60]
+    champion = _model(0).fit([t for t, _ in base], [y for _, y in base])  # stands in for the deployed ensemble
+    texts = campaign + ordinary + poison
+    labels = ["spam"] * 60 + ["ham"] * 30 + ["spam"] * 60
+    reviewers = ["honest"] * 90 + ["poisoner"] * 60
+    deployed = [dict(zip(champion.classes_, map(float, p), strict=True)) for p in champion.predict_proba(texts)]
+
+    report = find_issues(texts, labels, reviewers=reviewers, deployed=deployed, folds=5)
+    flagged = {i.index for i in report.issues}
+    assert len(flagged & set(range(90))) <= 9  # ≤ 10 % of the honest reviewer's labels
+    assert len(flagged & set(range(90, 150))) >= 48  # ≥ 80 % of the poisoner's
+    assert report.reviewers["honest"] > 0.9 > 0.5 > report.reviewers["poisoner"]
+    # what the check did before reviewers and the deployed model weighed in: nothing caught
+    assert not {i.index for i in find_issues(texts, labels, folds=5).issues} & set(range(90, 150))
+
+
 def test_hygiene_skips_too_little_data_and_says_why() -> None:
     report = find_issues(["a", "b", "c"], ["x", "y", "x"], min_rows=20)
     assert report.issues == [] and "at least 20" in (report.skipped or "")
