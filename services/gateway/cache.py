@@ -30,6 +30,7 @@ from flockwatch.common.announcements import Announcements
 from flockwatch.common.artifacts import ArtifactError, manifest_sha256, read_manifest
 from flockwatch.common.events import Decision, Event, ModelPublished, TextSubmitted, Vote, utcnow
 from flockwatch.gateway.settings import GatewaySettings
+from flockwatch.gateway.tenancy import tenant_of_id
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
@@ -115,6 +116,10 @@ class PredictionCache:
 
     def _key(self, msg: TextSubmitted) -> str:
         assert self.versions is not None
+        if self.settings.gateway_cache_scope == "tenant" and (tenant := tenant_of_id(msg.text_id)) is not None:
+            # a tenant's own keyspace (the tenant hashed: a token name has no place in a Redis key listing)
+            scope = hashlib.sha256(tenant.encode()).hexdigest()[:16]
+            return f"{self.prefix}:{self.versions.digest}:{scope}:{text_hash(msg)}"
         return f"{self.prefix}:{self.versions.digest}:{text_hash(msg)}"
 
     async def lookup(self, msgs: Sequence[TextSubmitted]) -> list[Decision]:

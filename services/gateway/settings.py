@@ -1,5 +1,7 @@
 """Gateway settings: environment variables `FLOCKWATCH_GATEWAY_*`, plus the common `FLOCKWATCH_*` ones."""
 
+from typing import Literal
+
 from flockwatch.common.settings import CommonSettings
 from pydantic import Field
 
@@ -30,3 +32,8 @@ class GatewaySettings(CommonSettings):
     gateway_cache_url: str | None = Field(None, description="Redis for the cache; default: the shared state Redis.")
     gateway_cache_ttl_s: int = Field(86_400, ge=1, description="A cached decision is kept this long (seconds).")
     gateway_cache_prefix: str = Field("flockwatch:cache", min_length=1, description="Key prefix of cached decisions.")
+    gateway_cache_scope: Literal["tenant", "shared"] = Field(
+        "tenant",
+        description="tenant: each token's texts are cached apart, so a hit (its flag, its latency) never tells one "
+        "tenant what another sent; shared: one cache for all (more hits, but a cross-tenant oracle). Auth off: one.",
+    )

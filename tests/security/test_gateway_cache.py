@@ -67,3 +67,22 @@ async def test_the_cache_keeps_no_decision_for_an_id_looked_up_with_two_texts(tm
         assert await cache.lookup([retried]) == [] and await cache.lookup([retried]) == []  # the same text twice
         await cache.store([decision("y", "ham")])
     assert await cached_keys(prefix) == [f"{prefix}:{cache.versions.digest}:{text_hash(retried)}"]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("scope", "bob_hits"), [("tenant", False), ("shared", True)])
+async def test_a_cache_hit_tells_one_tenant_nothing_of_another_unless_shared(
+    tmp_path: Path, prefix: str, scope: str, bob_hits: bool
+) -> None:
+    """Tenant scope (the default): alice's cached text is decided afresh for bob, so neither the `cached` flag
+    nor the latency tells bob that alice sent it; shared scope: one cache, bob hits alice's entry."""
+    people = tenants(tmp_path)
+    cache = {"gateway_cache_url": REDIS, "gateway_cache_prefix": prefix, "auth_tokens_file": people.path}
+    async with stack(
+        fake_bundle(tmp_path / "bundle"), ["gateway"], extra=fake_arbiter(0.0), gateway_cache_scope=scope, **cache
+    ) as (client, _):
+        first = await client.post("/predict", json={"text": SPAM}, headers=people.alice)
+        await until(lambda: cached_keys(prefix), "alice's decision cached")
+        again = await client.post("/predict", json={"text": SPAM}, headers=people.alice)
+        bob = await client.post("/predict", json={"text": SPAM}, headers=people.bob)
+    assert first.json()["cached"] is False and again.json()["cached"] is True  # alice's own repeat: a hit
+    assert bob.status_code == 200 and bob.json()["cached"] is bob_hits
