@@ -91,7 +91,8 @@ class ArbiterService(Service):
     async def on_texts(self, msgs: list[TextSubmitted]) -> list[Event]:
         """Start each text's deadline clock (from now: see `JoinStore.add_texts`); keep its text for slices and
         escalation, and its submission time for the decision's latency."""
-        self.voters.saw_texts(time.time() - max(m.timestamp.timestamp() for m in msgs))
+        newest = max(m.timestamp.timestamp() for m in msgs)
+        self.voters.saw_texts(time.time() - newest, newest)
         items = [Submitted(m.text_id, m.timestamp.timestamp(), m.text, dict(m.metadata)) for m in msgs]
         await self.store.add_texts(items, self.deadline_s)
         return []
@@ -102,13 +103,15 @@ class ArbiterService(Service):
         assert self.policy is not None
         now = time.time()
         lags: dict[str, float] = {}  # per voter: how long ago the freshest text it voted on was submitted
+        reached: dict[str, float] = {}  # … and when (epoch seconds)
         for vote in votes:
             if vote.submitted_at is not None:
-                lag = now - vote.submitted_at.timestamp()
-                lags[vote.voter] = min(lag, lags.get(vote.voter, lag))
+                at = vote.submitted_at.timestamp()
+                reached[vote.voter] = max(at, reached.get(vote.voter, at))
+                lags[vote.voter] = now - reached[vote.voter]
             else:
                 lags.setdefault(vote.voter, 0.0)
-        self.voters.saw_votes(lags)
+        self.voters.saw_votes(lags, reached)
         expected = len(self.voters.live(self.policy.first_stage_voters))
         ready = await self.store.add_votes(votes, expected, self.deadline_s)
         try:

@@ -21,29 +21,56 @@ class VoterWatch:
     lag is the same for the texts it reads. When the live voters are (by their median) further behind than the
     arbiter, deadlines wait that much longer (at most `max_extra_s`): under load the voters read a backlog the
     arbiter has already read, and their votes are on the way. One slow voter does not move the median, so the
-    deadline still decides without it."""
+    deadline still decides without it.
 
-    def __init__(self, silence_s: float, max_extra_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    A voter that has not yet voted on the newest text the arbiter read (by submission time) is still working
+    through that backlog: its lag grows with the clock until its next vote, instead of standing at what it was
+    when it last voted. A burst (one 1,000-text batch) thus keeps its tail waiting while the voters are on their
+    way to it, however long one of their batches takes, and stops as soon as they have caught up."""
+
+    def __init__(
+        self,
+        silence_s: float,
+        max_extra_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
         self.silence_s = silence_s
         self.max_extra_s = max_extra_s
         self.clock = clock
+        self.wall = wall  # submission times are epoch seconds
+        self._newest_seen: float | None = None  # the newest submission time among the texts the arbiter read
+        self._reached: dict[str, float] = {}  # per voter: the newest submission time it voted on
         self._last_vote: dict[str, float] = {}
         self._lag: dict[str, float] = {}
         self._own_lag = 0.0
         self._arrivals: deque[float] = deque()  # when batches of texts came; [0] is the newest old enough to judge
         self._down: set[str] = set()
 
-    def saw_texts(self, lag_s: float) -> None:
-        """Texts arrived now; the freshest was submitted `lag_s` ago."""
+    def saw_texts(self, lag_s: float, newest: float | None = None) -> None:
+        """Texts arrived now; the freshest was submitted `lag_s` ago (at `newest`, epoch seconds)."""
         self._arrivals.append(self.clock())
         self._own_lag = max(0.0, lag_s)
+        if newest is not None:
+            self._newest_seen = max(newest, self._newest_seen or newest)
 
-    def saw_votes(self, lags_s: dict[str, float]) -> None:
-        """These voters voted now; the freshest text each voted on was submitted this long ago."""
+    def saw_votes(self, lags_s: dict[str, float], reached: dict[str, float] | None = None) -> None:
+        """These voters voted now; the freshest text each voted on was submitted this long ago (at `reached`)."""
         now = self.clock()
         for voter, lag in lags_s.items():
             self._last_vote[voter] = now
             self._lag[voter] = max(0.0, lag)
+        for voter, at in (reached or {}).items():
+            self._reached[voter] = max(at, self._reached.get(voter, at))
+
+    def lag_s(self, voter: str) -> float:
+        """How far behind `voter` is now: its lag at its last vote, or, while it has not reached the newest text
+        the arbiter read, how long ago the newest text it did vote on was submitted."""
+        lag = self._lag[voter]
+        reached = self._reached.get(voter)
+        if reached is not None and self._newest_seen is not None and reached < self._newest_seen:
+            lag = max(lag, self.wall() - reached)
+        return lag
 
     def live(self, voters: Sequence[str]) -> list[str]:
         """The voters to wait for: all of them, unless some have been silent since a text old enough to judge
@@ -63,7 +90,7 @@ class VoterWatch:
 
     def extra_wait_s(self, voters: Sequence[str]) -> float:
         """How much longer deadlines wait: the live voters' median lag beyond the arbiter's own, capped."""
-        lags = [self._lag[v] for v in self.live(voters) if v in self._lag]
+        lags = [self.lag_s(v) for v in self.live(voters) if v in self._lag]
         if not lags:
             return 0.0
         return min(self.max_extra_s, max(0.0, statistics.median(lags) - self._own_lag))

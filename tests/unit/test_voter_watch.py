@@ -51,3 +51,18 @@ def test_deadlines_wait_for_the_median_voter_lag_beyond_the_arbiters_own_capped(
     assert watch.extra_wait_s(VOTERS) == 3.0  # capped
     watch.saw_texts(45.0)  # the arbiter is behind too: only the difference counts
     assert watch.extra_wait_s(["regex"]) == 3.0 and watch.extra_wait_s(["ws"]) == 0.0
+
+
+def test_a_voter_still_working_through_a_burst_falls_further_behind_until_it_reaches_the_newest_text() -> None:
+    clock, wall = Clock(), Clock()
+    watch = VoterWatch(silence_s=2.0, max_extra_s=30.0, clock=clock, wall=wall)
+    burst = wall.now  # a 1,000-text batch: submitted together, read by the arbiter at once
+    watch.saw_texts(0.0, newest=burst + 0.001)
+    watch.saw_votes(dict.fromkeys(VOTERS, 0.1), reached=dict.fromkeys(VOTERS, burst))  # the head of the burst
+    wall.now += 0.1
+    assert abs(watch.extra_wait_s(VOTERS) - 0.1) < 1e-9
+    wall.now += 0.5  # no vote since: the voters are busy with their next batch, not idle
+    assert abs(watch.extra_wait_s(VOTERS) - 0.6) < 1e-9
+    watch.saw_votes(dict.fromkeys(VOTERS, 0.6), reached=dict.fromkeys(VOTERS, burst + 0.001))  # the tail
+    wall.now += 5.0
+    assert abs(watch.extra_wait_s(VOTERS) - 0.6) < 1e-9  # caught up: the lag stands at its last vote
