@@ -7,10 +7,11 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from flockwatch.common.auth import harden, require
 from flockwatch.common.metrics_http import HttpTelemetry, metrics_response
-from flockwatch.common.problems import INVALID, explain_invalid_requests, explain_unreadable_bodies
+from flockwatch.common.problems import INVALID, Problem, explain_invalid_requests, explain_unreadable_bodies
 from flockwatch.common.validtext import ValidStr
 from flockwatch.trainer import registry
 from flockwatch.trainer.app import RunNotFound, TrainerService
+from flockwatch.trainer.store import QueueFull
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_BODY_BYTES = 64 * 1024  # its one body is a small retrain request
@@ -51,10 +52,18 @@ def create_app(service: TrainerService) -> FastAPI:
     app.add_middleware(HttpTelemetry, name="trainer")  # outermost: refused requests count too
     admin = [Depends(require("admin"))]  # every route but /health and /metrics
 
-    @app.post("/training", status_code=202, dependencies=admin)
+    @app.post(
+        "/training",
+        status_code=202,
+        dependencies=admin,
+        responses={429: {"model": Problem, "description": "As many runs as allowed are queued already"}},
+    )
     async def post_training(body: RetrainRequest, svc: ServiceDep) -> dict[str, Any]:
-        """Queue a run (one runs at a time); poll `GET /training/{run_id}`."""
-        return await svc.request_run(body.kind, "command", body.reason)
+        """Queue a run (one runs at a time, at most `trainer_max_queued` wait); poll `GET /training/{run_id}`."""
+        try:
+            return await svc.request_run(body.kind, "command", body.reason)
+        except QueueFull as exc:
+            raise HTTPException(429, str(exc), headers={"Retry-After": "60"}) from exc
 
     @app.get("/training", dependencies=admin)
     async def list_training(svc: ServiceDep, limit: Annotated[int, Query(ge=1, le=500)] = 20) -> list[dict[str, Any]]:

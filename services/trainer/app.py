@@ -32,7 +32,7 @@ from flockwatch.trainer.job import JobSpec
 from flockwatch.trainer.monitor import DriftWatch
 from flockwatch.trainer.runner import JobFailed, JobProcess
 from flockwatch.trainer.settings import TrainerSettings
-from flockwatch.trainer.store import FINAL, TrainerStore
+from flockwatch.trainer.store import FINAL, QueueFull, TrainerStore
 from flockwatch.trainer.triggers import Triggers
 
 RETRY = "retry of interrupted run"
@@ -132,11 +132,27 @@ class TrainerService(Service):
             log.warning("trainer: run %s (itself a retry) was interrupted by the last stop; not retried", run["run_id"])
             return
         log.warning("trainer: run %s was interrupted by the last stop; queued again", run["run_id"])
-        await self.request_run(run["kind"], run["trigger"], f"{RETRY} {run['run_id']} ({reason})")
+        try:
+            await self.request_run(run["kind"], run["trigger"], f"{RETRY} {run['run_id']} ({reason})")
+        except QueueFull as exc:
+            log.warning("trainer: run %s not queued again: %s", run["run_id"], exc)
 
     async def request_run(self, kind: Kind, trigger: str, reason: str | None = None) -> dict[str, Any]:
-        """Queue a run; the worker starts it when no other run is running."""
-        run = await self.store.add_run(uuid.uuid4().hex[:16], kind, trigger, reason)
+        """Queue a run; the worker starts it when no other run is running. At most `trainer_max_queued` runs wait
+        (`QueueFull` beyond); an automatic trigger (anything but a command) gets the run of its kind already
+        queued, if any, instead of a second one."""
+        run_id = uuid.uuid4().hex[:16]
+        limit = self.settings.trainer_max_queued
+        run = await self.store.add_run(run_id, kind, trigger, reason, limit=limit, reuse=trigger != "command")
+        if run["run_id"] != run_id:
+            log.info(
+                "trainer: %s run %s is queued already; not queuing another (%s: %s)",
+                kind,
+                run["run_id"],
+                trigger,
+                reason,
+            )
+            return run
         champion = self.champion()
         if champion is not None:
             await self.store.update(run["run_id"], champion_version=champion.name)
@@ -184,8 +200,11 @@ class TrainerService(Service):
                     continue
             except Exception:  # noqa: BLE001 - keep the queue alive; the run itself is marked failed
                 log.exception("trainer: the worker failed")
+            # not `wait_for`: on Python 3.11 it swallows a cancel that comes as the event is set (a run requested
+            # just before stop), and the worker would sleep on, holding up the stop for a check interval
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.settings.trainer_check_interval_s)
+                async with asyncio.timeout(self.settings.trainer_check_interval_s):
+                    await self._wake.wait()
 
     async def _spec(self, run: dict[str, Any], champion: Path | None) -> JobSpec:
         s, kind = self.settings, run["kind"]

@@ -14,7 +14,7 @@ from flockwatch.common.artifacts import ArtifactError
 from flockwatch.common.datasets import Dataset, read_table, split
 from flockwatch.common.events import Decision, ModelPublished
 from flockwatch.trainer.drift import DriftMonitor, nonconformity
-from flockwatch.trainer.store import FINAL
+from flockwatch.trainer.store import FINAL, QueueFull
 
 if TYPE_CHECKING:
     from flockwatch.trainer.app import TrainerService
@@ -114,8 +114,12 @@ class DriftWatch:
                 # drift that outlives a recalibration calls for a full retrain (then recalibration first again)
                 kind: Kind = "full" if last is not None and last["kind"] == "recalibrate" else "recalibrate"
                 reason = f"drift: martingale {state.martingale:.3g} after {state.n_live} decisions"
-                run = await self.service.request_run(kind, "drift", reason)
-                action, run_id = kind, run["run_id"]
+                try:
+                    run = await self.service.request_run(kind, "drift", reason)
+                    action, run_id = kind, run["run_id"]
+                except QueueFull as exc:
+                    log.warning("trainer: drift alarm queued no run: %s", exc)
+                    action = "queue full"
         event_id = await self.service.store.add_drift(state.to_dict(), action, run_id)
         self.last_alarm = {"event_id": event_id, "action": action, "run_id": run_id, **state.to_dict()}
         telemetry.DRIFT_ALARMS.labels(action).inc()

@@ -63,6 +63,9 @@ class TrainerSettings(CommonSettings):
     trainer_drift_action: bool = Field(
         True, description="A drift alarm queues a calibration-only run (then a full one)."
     )
+    trainer_max_queued: int = Field(
+        5, ge=1, le=1000, description="Refuse (HTTP 429) to queue a run while this many runs are queued."
+    )
     trainer_cancel_grace_s: float = Field(5.0, ge=0, description="SIGTERM, then SIGKILL after this long.")
 
     @property

@@ -21,6 +21,15 @@ async def _init(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+class QueueFull(RuntimeError):
+    """As many runs as allowed are queued already."""
+
+    def __init__(self, queued: int, limit: int) -> None:
+        super().__init__(f"{queued} training runs are queued already (limit {limit}); retry once one has started")
+        self.queued = queued
+        self.limit = limit
+
+
 def _row(record: asyncpg.Record | None) -> dict[str, Any] | None:
     if record is None:
         return None
@@ -49,16 +58,33 @@ class TrainerStore:
         """Close the pool."""
         await self.pool.close()
 
-    async def add_run(self, run_id: str, kind: str, trigger: str, reason: str | None) -> dict[str, Any]:
-        """Queue a run."""
-        record = await self.pool.fetchrow(
-            f"INSERT INTO training_runs (run_id, kind, trigger, reason, status) VALUES ($1, $2, $3, $4, 'queued') "
-            f"RETURNING {COLUMNS}",
-            run_id,
-            kind,
-            trigger,
-            reason,
-        )
+    async def add_run(
+        self, run_id: str, kind: str, trigger: str, reason: str | None, *, limit: int | None = None, reuse: bool = False
+    ) -> dict[str, Any]:
+        """Queue a run, unless `limit` runs are queued already (`QueueFull`); with `reuse`, a run of this kind
+        that is queued already is returned instead (its `run_id` is not the one asked for). Atomic: trainers
+        sharing the database neither overfill the queue nor queue the same automatic run twice."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('flockwatch.trainer.queue'))")
+            if reuse:
+                queued = await conn.fetchrow(
+                    f"SELECT {COLUMNS} FROM training_runs WHERE status = 'queued' AND kind = $1 ORDER BY seq LIMIT 1",
+                    kind,
+                )
+                if queued is not None:
+                    return _row(queued) or {}
+            if limit is not None:
+                n = int(await conn.fetchval("SELECT count(*) FROM training_runs WHERE status = 'queued'"))
+                if n >= limit:
+                    raise QueueFull(n, limit)
+            record = await conn.fetchrow(
+                f"INSERT INTO training_runs (run_id, kind, trigger, reason, status) VALUES ($1, $2, $3, $4, 'queued') "
+                f"RETURNING {COLUMNS}",
+                run_id,
+                kind,
+                trigger,
+                reason,
+            )
         row = _row(record)
         assert row is not None
         return row

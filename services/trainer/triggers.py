@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from flockwatch.common.events import FeedbackSubmitted
 from flockwatch.feedback.training import clean_training_rows
+from flockwatch.trainer.store import QueueFull
 
 if TYPE_CHECKING:
     from flockwatch.trainer.app import TrainerService
@@ -37,8 +38,9 @@ class Triggers:
     async def loop(self) -> None:
         """Check on every poke, at least every `CHECK_INTERVAL_S`."""
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._poke.wait(), self.service.settings.trainer_check_interval_s)
+            with contextlib.suppress(TimeoutError):  # not `wait_for`: see `TrainerService._worker`
+                async with asyncio.timeout(self.service.settings.trainer_check_interval_s):
+                    await self._poke.wait()
             self._poke.clear()
             try:
                 await self.check()
@@ -57,9 +59,12 @@ class Triggers:
         if raw < s.trainer_min_corrections and not (due and raw):
             return None
         clean = await clean_training_rows(svc.feedback, svc.classes(), since_seq=since, hygiene=False)
-        if len(clean.rows) >= s.trainer_min_corrections:
-            return await svc.request_run("full", "corrections", f"{len(clean.rows)} new clean corrections")
-        if due and clean.rows:
-            self._last_schedule = time.monotonic()
-            return await svc.request_run("full", "schedule", f"{len(clean.rows)} new clean corrections")
+        try:
+            if len(clean.rows) >= s.trainer_min_corrections:
+                return await svc.request_run("full", "corrections", f"{len(clean.rows)} new clean corrections")
+            if due and clean.rows:
+                self._last_schedule = time.monotonic()
+                return await svc.request_run("full", "schedule", f"{len(clean.rows)} new clean corrections")
+        except QueueFull as exc:  # the next check tries again
+            log.warning("trainer: no retrain queued: %s", exc)
         return None

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import httpx
 from flockwatch.common import topics
 from flockwatch.common.artifacts import Manifest, write_manifest
 from flockwatch.common.bus import Bus
 from flockwatch.common.events import Decision, Event, TextSubmitted, Vote
 from flockwatch.common.tokens import add_token
+
+from tests.integration.feedback_support import DSN, fresh_schema
 
 REDIS = "redis://127.0.0.1:6379/3"  # cache keys under a prefix of each test's own, deleted after it
 SPAM = "WINNER!! You have won a £1000 cash prize. Call 09061701461 now to claim, T&C apply"
@@ -106,3 +110,35 @@ async def until(check: Callable[[], object], what: str, seconds: float = 10.0) -
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"{what}: not within {seconds} s")
+
+
+@asynccontextmanager
+async def trainer_api(directory: Path, **overrides: Any) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
+    """A started trainer (fresh schemas on the real Postgres, no champion, no HTTP server of its own) and a client
+    on its API."""
+    from flockwatch.common.bus import create_bus
+    from flockwatch.trainer.api import create_app
+    from flockwatch.trainer.app import TrainerService
+    from flockwatch.trainer.settings import TrainerSettings
+
+    async with fresh_schema() as schema, fresh_schema() as feedback_schema:
+        settings = TrainerSettings(
+            _env_file=None,
+            bus_url="memory://",
+            trainer_database_url=DSN,
+            trainer_db_schema=schema,
+            trainer_feedback_schema=feedback_schema,
+            trainer_serve_http=False,
+            trainer_models_root=directory,
+            model_dir=directory / "current",
+            **overrides,
+        )
+        service = TrainerService(create_bus(settings), settings)
+        await service.start()
+        app = create_app(service)
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://trainer") as client:
+                yield service, client
+        finally:
+            await service.stop()
+            await app.state.guard.aclose()

@@ -8,36 +8,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from flockwatch.common.bus import create_bus
-from flockwatch.trainer.api import create_app
-from flockwatch.trainer.app import TrainerService
-from flockwatch.trainer.settings import TrainerSettings
 
-from tests.integration.feedback_support import DSN, fresh_schema
+from tests.security.support import trainer_api
 
 
 @pytest.fixture
 async def client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
-    async with fresh_schema() as schema, fresh_schema() as feedback_schema:
-        settings = TrainerSettings(
-            _env_file=None,
-            bus_url="memory://",
-            trainer_database_url=DSN,
-            trainer_db_schema=schema,
-            trainer_feedback_schema=feedback_schema,
-            trainer_serve_http=False,
-            trainer_models_root=tmp_path,
-            model_dir=tmp_path / "current",
-        )
-        service = TrainerService(create_bus(settings), settings)
-        await service.start()
-        app = create_app(service)
-        try:
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://trainer") as client:
-                yield client
-        finally:
-            await service.stop()
-            await app.state.guard.aclose()
+    async with trainer_api(tmp_path) as (_, client):
+        yield client
 
 
 async def test_nul_in_a_run_id_is_a_422(client: httpx.AsyncClient) -> None:
