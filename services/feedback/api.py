@@ -12,14 +12,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from flockwatch.common.auth import harden, require
 from flockwatch.common.events import FeedbackSubmitted
-from flockwatch.common.metrics_http import HttpTelemetry
+from flockwatch.common.metrics_http import HttpTelemetry, metrics_response
 from flockwatch.common.problems import INVALID, Problem, explain_unreadable_bodies
 from flockwatch.common.validtext import ValidStr
 from flockwatch.feedback import telemetry
 from flockwatch.feedback.app import FeedbackService, UnknownLabel, feedback_kind
 from flockwatch.feedback.review import conflicts, feedback_groups, review_queue, reviewers, rules_report
 from flockwatch.feedback.store import TRANSIENT
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 log = logging.getLogger(__name__)
@@ -208,17 +207,10 @@ def create_app(service: FeedbackService) -> FastAPI:
         return {"status": "ok", "database": database, "bus": svc.settings.bus_scheme}
 
     @app.get("/metrics", include_in_schema=False)
-    async def metrics(svc: ServiceDep) -> Response:
-        # the rule and queue gauges are computed from Postgres, so every instance reports the same numbers
-        try:
-            await rules_report(svc.store, svc.task)
-            await review_queue(svc.store, svc.task, 1)
-            groups = await feedback_groups(svc.store)
-            conflicts(groups)
-            reviewers(groups)
-        except TRANSIENT:
-            log.warning("feedback: metrics without the database gauges (Postgres unreachable)")
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    async def metrics() -> Response:
+        # the rule and queue gauges come from Postgres (every instance reports the same numbers), computed in the
+        # background (`gauges.py`): a scrape never queries the database
+        return metrics_response()
 
     return app
 

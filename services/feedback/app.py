@@ -18,6 +18,7 @@ from flockwatch.common.http import EmbeddedServer
 from flockwatch.common.service import Service
 from flockwatch.feedback import telemetry
 from flockwatch.feedback.config import TaskConfig, load_task
+from flockwatch.feedback.gauges import Refresher, refresh_gauges
 from flockwatch.feedback.migrate import upgrade_async
 from flockwatch.feedback.model import assess, voter_outputs
 from flockwatch.feedback.pii import scrub
@@ -55,6 +56,9 @@ class FeedbackService(Service):
         self._store: FeedbackStore | None = None
         self._server: EmbeddedServer | None = None
         self._hygiene: asyncio.Task[None] | None = None
+        self.gauges = Refresher(
+            lambda: refresh_gauges(self.store, self.task), self.settings.feedback_metrics_interval_s
+        )
         self.hygiene_lock = asyncio.Lock()
         self._new_corrections = 0
         self.http_port: int | None = None
@@ -84,6 +88,7 @@ class FeedbackService(Service):
             where = s.feedback_database_url.rsplit("@", 1)[-1]  # no password in the message
             raise DatabaseUnavailable(f"feedback: cannot use PostgreSQL at {where}: {exc}") from exc
         log.info("feedback: schema %s ready; task config from %s", s.feedback_db_schema, self.task.source)
+        self.gauges.start()
         if s.feedback_serve_http:
             await self._serve_http()
 
@@ -97,6 +102,7 @@ class FeedbackService(Service):
     async def stop(self) -> None:
         if self._server is not None:
             await self._server.stop()
+        await self.gauges.stop()
         if self._hygiene is not None:
             await asyncio.gather(self._hygiene, return_exceptions=True)
         if self._store is not None:

@@ -31,4 +31,7 @@ class FeedbackSettings(CommonSettings):
     feedback_hygiene_every: int = Field(50, ge=0, description="Check labels after this many new corrections (0: off).")
     feedback_hygiene_folds: int = Field(5, ge=2, le=20)
     feedback_hygiene_min_rows: int = Field(20, ge=4, description="Fewer labelled texts: no label-issue check.")
+    feedback_metrics_interval_s: float = Field(
+        30.0, gt=0, description="How often the database gauges of /metrics are computed (never per scrape)."
+    )
     feedback_max_body_bytes: int = Field(65_536, ge=1_024, description="Larger request bodies are refused with 413.")
