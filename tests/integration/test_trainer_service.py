@@ -275,12 +275,17 @@ async def test_a_run_killed_mid_way_consumed_no_correction_and_is_queued_again(w
 
     async with running_trainer(world, root, trainer_check_interval_s=3600) as (trainer, _):
         store = trainer.store
-        await store.add_run("done-1", "full", "corrections", "60 new clean corrections")
-        await store.update("done-1", status="published", feedback_watermark=10)
-        await store.add_run("dead-1", "full", "corrections", "70 new clean corrections")
-        await store.update("dead-1", status="running", feedback_watermark=50)
-        await store.add_run("dead-2", "full", "command", f"{RETRY} x (a retry that died too)")
-        await store.update("dead-2", status="running", feedback_watermark=60)
+        rows = [
+            ("done-1", "corrections", "60 new clean corrections", "published", 10),
+            ("dead-1", "corrections", "70 new clean corrections", "running", 50),
+            ("dead-2", "command", f"{RETRY} x (a retry that died too)", "running", 60),
+        ]
+        # written in their final state at once: a queued row could be claimed by the running trainer's worker
+        await store.pool.executemany(
+            "INSERT INTO training_runs (run_id, kind, trigger, reason, status, feedback_watermark) "
+            "VALUES ($1, 'full', $2, $3, $4, $5)",
+            rows,
+        )
         assert await store.watermark() == 10  # what the dead runs held is not consumed
 
         restarted = TrainerService(create_bus(trainer.settings), trainer.settings)  # the next start
