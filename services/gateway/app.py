@@ -21,6 +21,7 @@ from flockwatch.common.metrics_http import HttpTelemetry
 from flockwatch.common.problems import explain_unreadable_bodies
 from flockwatch.common.service import Service
 from flockwatch.common.tokens import TokenEntry
+from flockwatch.gateway.archive import DecisionArchive
 from flockwatch.gateway.cache import PredictionCache, text_hash
 from flockwatch.gateway.decisions import DecisionBook
 from flockwatch.gateway.schemas import (
@@ -67,12 +68,14 @@ class Gateway:
         # a text accepted by POST /texts counts as in flight until decided, or for at most the predict timeout
         self.book = DecisionBook(settings.gateway_decisions_kept, settings.gateway_predict_timeout_ms / 1000)
         self.cache = PredictionCache(settings)
+        self.archive = DecisionArchive(settings)
         self.claims = Claims(settings.gateway_decisions_kept)
         bus.subscribe(topics.DECISION_MADE, Decision, group="gateway", broadcast=True)(self.on_decisions)
         bus.subscribe(topics.MODEL_PUBLISHED, ModelPublished, group="gateway", broadcast=True)(self.cache.on_models)
 
     async def on_decisions(self, decisions: list[Decision]) -> list[Decision]:
         """Resolve the requests waiting for these decisions."""
+        await self.archive.keep(decisions)  # first: an answered text's decision is readable after a restart
         self.book.record(decisions)
         await self.cache.store(decisions)
         return []
@@ -82,6 +85,7 @@ class Gateway:
         hits = await self.cache.lookup(msgs)
         if not hits:
             return msgs
+        await self.archive.keep(hits)
         self.book.record(hits)
         answered = {d.text_id for d in hits}
         return [m for m in msgs if m.text_id not in answered]
@@ -217,6 +221,7 @@ def create_app(
                 stack.push_async_callback(service.stop)
             stack.push_async_callback(guard.aclose)
             await stack.enter_async_context(gateway.cache)
+            await stack.enter_async_context(gateway.archive)
             await stack.enter_async_context(bus)
             app.state.gateway = gateway
             heap.settle()  # what start-up loaded (the embedded services' models): out of the collector's way
@@ -310,7 +315,8 @@ def create_app(
             if caller is not None and not caller.grants("admin"):
                 raise HTTPException(403, f"token {caller.name!r} reads only its own decisions (tenant needs admin)")
             owner = tenant
-        found = gw.book.get(bus_id(owner, text_id))
+        key = bus_id(owner, text_id)
+        found = gw.book.get(key) or await gw.archive.get(key)  # the archive: after a restart, or another gateway
         if found is None:
             raise HTTPException(404, f"no decision for text {text_id!r} (yet)")
         return found

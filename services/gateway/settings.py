@@ -32,6 +32,11 @@ class GatewaySettings(CommonSettings):
     gateway_cache_url: str | None = Field(None, description="Redis for the cache; default: the shared state Redis.")
     gateway_cache_ttl_s: int = Field(86_400, ge=1, description="A cached decision is kept this long (seconds).")
     gateway_cache_prefix: str = Field("flockwatch:cache", min_length=1, description="Key prefix of cached decisions.")
+    gateway_archive: bool = Field(
+        True, description="Keep decisions in Redis (if any), so GET /decisions/{id} answers after a restart."
+    )
+    gateway_archive_url: str | None = Field(None, description="Redis for the archive; default: the cache's Redis.")
+    gateway_archive_ttl_s: int = Field(86_400, ge=1, description="An archived decision is kept this long (seconds).")
     gateway_cache_scope: Literal["tenant", "shared"] = Field(
         "tenant",
         description="tenant: each token's texts are cached apart, so a hit (its flag, its latency) never tells one "
