@@ -19,6 +19,7 @@ from flockwatch.llm_voter.cli import llm_app, train_lora_cmd
 from flockwatch.regex_voter.cli import rules_app
 from flockwatch.trainer.cli import models_app, retrain
 from flockwatch.ws_voter.cli import lf_app
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -26,6 +27,25 @@ app = typer.Typer(
     help="Flockwatch: an ensemble text classifier over a message bus that knows when not to answer.",
     no_args_is_help=True,
 )
+
+
+def _version(show: bool) -> None:
+    if show:
+        from importlib.metadata import version
+
+        print(f"flockwatch {version('flockwatch')}")  # noqa: T201 - the answer itself
+        raise typer.Exit
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Flockwatch: an ensemble text classifier over a message bus that knows when not to answer."""
+
+
 app.add_typer(rules_app, name="rules", help="Check and explain regex rule files.")
 app.add_typer(lf_app, name="lf", help="Inspect the weak-supervision voter's labeling functions.")
 app.add_typer(llm_app, name="llm", help="The LLM voter: base model set-up.")
@@ -214,8 +234,13 @@ def serve(
     """Run services in this process (default: all of them, embedded). The bus is FLOCKWATCH_BUS_URL."""
     from flockwatch.cli.runtime import ALL
     from flockwatch.cli.runtime import serve as run
+    from flockwatch.common.settings import CommonSettings
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        level = CommonSettings().log_level  # FLOCKWATCH_LOG_LEVEL
+    except ValidationError as exc:
+        _fail(ValueError(f"FLOCKWATCH_LOG_LEVEL: {exc.errors()[0]['msg']}"))
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         run(services or ALL, port=port)
     except (ConfigError, ArtifactError, ValueError) as exc:

@@ -95,7 +95,9 @@ class CommonSettings(BaseSettings):
         default_factory=list,
         description="Origins allowed to call the APIs from a browser (comma-separated); none: no CORS headers at all.",
     )
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", description="The services' log level (`flockwatch serve`); any case."
+    )
     tracing: Literal["off", "console", "otlp"] = Field(
         "off", description="OpenTelemetry spans: off (no cost), console (stdout, for dev) or otlp (OTLP over HTTP)."
     )
@@ -111,6 +113,11 @@ class CommonSettings(BaseSettings):
         None, ge=0, le=65_535, description="Bus-only services: serve Prometheus /metrics on this port; off when unset."
     )
     metrics_host: str = Field("127.0.0.1", description="Address the metrics port listens on (0.0.0.0 in containers).")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
 
     @field_validator("rate_limit", mode="before")
     @classmethod
