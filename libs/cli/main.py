@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -234,13 +233,15 @@ def serve(
     """Run services in this process (default: all of them, embedded). The bus is FLOCKWATCH_BUS_URL."""
     from flockwatch.cli.runtime import ALL
     from flockwatch.cli.runtime import serve as run
+    from flockwatch.common.logs import configure
     from flockwatch.common.settings import CommonSettings
 
     try:
-        level = CommonSettings().log_level  # FLOCKWATCH_LOG_LEVEL
+        common = CommonSettings()  # FLOCKWATCH_LOG_LEVEL, FLOCKWATCH_LOG_FORMAT
     except ValidationError as exc:
-        _fail(ValueError(f"FLOCKWATCH_LOG_LEVEL: {exc.errors()[0]['msg']}"))
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        problem = exc.errors()[0]
+        _fail(ValueError(f"FLOCKWATCH_{str(problem['loc'][0]).upper()}: {problem['msg']}"))
+    configure(common.log_level, common.log_format)
     try:
         run(services or ALL, port=port)
     except (ConfigError, ArtifactError, ValueError) as exc:

@@ -114,6 +114,10 @@ class CommonSettings(BaseSettings):
     )
     metrics_host: str = Field("127.0.0.1", description="Address the metrics port listens on (0.0.0.0 in containers).")
 
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text, or as JSON (one object a line, with the trace and span ids)."
+    )
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _level_upper(cls, value: object) -> object:

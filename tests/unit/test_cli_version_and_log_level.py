@@ -24,3 +24,33 @@ def test_the_log_level_is_read_in_any_case_and_checked(monkeypatch: pytest.Monke
         CommonSettings(_env_file=None)
     served = CliRunner().invoke(app, ["serve", "regex_voter"])  # refused before anything starts
     assert served.exit_code == 2 and "FLOCKWATCH_LOG_LEVEL" in served.output
+
+
+def test_json_log_lines_carry_the_trace_and_span(capsys: pytest.CaptureFixture[str]) -> None:
+    """FLOCKWATCH_LOG_FORMAT=json: one JSON object a line, with the ids of the span it was logged in."""
+    import json
+    import logging
+
+    from flockwatch.common.logs import configure
+    from opentelemetry.sdk.trace import TracerProvider
+
+    tracer = TracerProvider().get_tracer("test")
+    root = logging.getLogger()
+    saved = (root.level, root.handlers[:])
+    configure("INFO", "json")
+    try:
+        with tracer.start_as_current_span("decide") as span:
+            logging.getLogger("flockwatch.test").warning("decided %s", "t-1")
+        logging.getLogger("flockwatch.test").info("outside")
+        logging.getLogger("flockwatch.test").debug("below the level")
+    finally:
+        root.handlers[:] = saved[1]
+        root.setLevel(saved[0])
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert len(lines) == 2
+    inside, outside = lines
+    context = span.get_span_context()
+    assert inside["message"] == "decided t-1" and inside["level"] == "WARNING" and inside["logger"] == "flockwatch.test"
+    ids = (format(context.trace_id, "032x"), format(context.span_id, "016x"))
+    assert (inside["trace_id"], inside["span_id"]) == ids
+    assert outside["trace_id"] == "" and "ts" in outside
