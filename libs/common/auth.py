@@ -12,13 +12,18 @@ a missing token file a start-up error instead.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request, Security
+from fastapi.dependencies.models import Dependant
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from flockwatch.common import telemetry
 from flockwatch.common.bodylimit import BodyLimit
+from flockwatch.common.problems import Problem
 from flockwatch.common.ratelimit import RateLimiter, retry_after
 from flockwatch.common.settings import CommonSettings
 from flockwatch.common.tokens import Scope, TokenEntry, TokenError, TokenStore
@@ -26,6 +31,14 @@ from flockwatch.common.tokens import Scope, TokenEntry, TokenError, TokenStore
 log = logging.getLogger(__name__)
 REALM = "flockwatch"
 BEARER = HTTPBearer(auto_error=False, description="An API token from `flockwatch token create`.")
+# what `harden` answers besides the routes: on every route, and on every route that needs a token
+TOO_LARGE: dict[int | str, dict[str, Any]] = {413: {"model": Problem, "description": "The body is too large"}}
+REFUSED: dict[int | str, dict[str, Any]] = {
+    401: {"model": Problem, "description": "No bearer token, or an unknown or revoked one (when auth is on)"},
+    403: {"model": Problem, "description": "The token lacks the scope this route needs"},
+    429: {"model": Problem, "description": "The token is over its rate limit; retry after the Retry-After seconds"},
+}
+_CHECKS: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet()  # the dependencies `require` made
 
 
 class Guard:
@@ -117,12 +130,34 @@ def require(scope: Scope) -> Callable[..., Awaitable[TokenEntry | None]]:
         guard: Guard = request.app.state.guard
         return await guard.check(credentials, scope)
 
+    _CHECKS.add(check)
     return check
 
 
+def _needs_token(dependant: Dependant) -> bool:
+    return any(d.call in _CHECKS or _needs_token(d) for d in dependant.dependencies)
+
+
+def _document_refusals(app: FastAPI) -> None:
+    """Have `app`'s OpenAPI document list what `harden` may answer (a route's own description of a status wins)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            for route in app.routes:
+                if isinstance(route, APIRoute):
+                    refusals = {**TOO_LARGE, **(REFUSED if _needs_token(route.dependant) else {})}
+                    route.responses = {**refusals, **route.responses}
+        return build()
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend the document
+
+
 def harden(app: FastAPI, settings: CommonSettings, max_body_bytes: int) -> Guard:
-    """Give `app` its guard (tokens, rate limits), a body size limit (413) and CORS only where configured."""
+    """Give `app` its guard (tokens, rate limits), a body size limit (413) and CORS only where configured, and
+    document their refusals (401, 403, 429 on the routes that `require` a scope; 413 on all)."""
     guard = app.state.guard = Guard(settings, app.title)
+    _document_refusals(app)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     if settings.cors_origins:  # otherwise no CORS headers at all: browsers refuse cross-origin calls
         app.add_middleware(

@@ -8,6 +8,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 
 class Problem(BaseModel):
@@ -22,10 +23,22 @@ INVALID: dict[int | str, dict[str, object]] = {
 }
 
 
-def explain_unreadable_bodies(app: FastAPI) -> None:
-    """Answer a body FastAPI cannot even decode (not UTF-8) like any other invalid body: 422 saying why.
+def _allowed(app: FastAPI, request: Request) -> str:
+    """Every method some route of `app` serves at the request's path (Starlette's 405 names one route's)."""
+    methods: set[str] = set()
+    for route in app.routes:
+        match, _ = route.matches({**request.scope, "method": "\0"})  # a method no route has: path only
+        if match is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
 
-    FastAPI's own answer is an undocumented 400 "There was an error parsing the body"."""
+
+def explain_unreadable_bodies(app: FastAPI) -> None:
+    """Answer a body FastAPI cannot even decode (not UTF-8) like any other invalid body: 422 saying why; and
+    list in a 405's `Allow` every method the path serves.
+
+    FastAPI's own answer is an undocumented 400 "There was an error parsing the body"; Starlette's 405 lists
+    the methods of only the first route at the path (`GET /training` hides `POST /training`)."""
 
     async def unreadable_body(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
@@ -33,6 +46,8 @@ def explain_unreadable_bodies(app: FastAPI) -> None:
         if exc.status_code == 400 and isinstance(cause, UnicodeDecodeError):
             detail = f"body: not UTF-8 text (byte {cause.start} is {cause.object[cause.start]:#04x}); send UTF-8 JSON"
             return JSONResponse({"detail": detail}, status_code=422)
+        if exc.status_code == 405:
+            exc.headers = {**(exc.headers or {}), "Allow": _allowed(app, request)}
         return await http_exception_handler(request, exc)
 
     app.add_exception_handler(StarletteHTTPException, unreadable_body)

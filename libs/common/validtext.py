@@ -4,9 +4,12 @@ instead of a 500 from whatever encodes the string first."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from dataclasses import dataclass
+from typing import Annotated, Any
 
-from pydantic import AfterValidator, StrictStr
+from pydantic import AfterValidator, GetJsonSchemaHandler, StrictStr
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 
 def check_text(value: str) -> str:
@@ -24,5 +27,24 @@ def check_text(value: str) -> str:
     return value
 
 
-ValidStr = Annotated[str, AfterValidator(check_text)]
-ValidStrictStr = Annotated[StrictStr, AfterValidator(check_text)]
+# JSON-schema patterns, spelled the same in every regex dialect, of what the checks here and the gateway's
+# non-space check refuse (a lone surrogate is no JSON string's content to a schema: only its escape can carry it)
+NO_NUL = r"^[^\x00]*$"
+# a character `str.strip()` keeps, NUL aside: the text has content
+_CONTENT = r"[^\x00\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+NONSPACE_NO_NUL = rf"^[^\x00]*{_CONTENT}[^\x00]*$"
+
+
+@dataclass(frozen=True)
+class _Documented:
+    """Adds a `pattern` to a string's JSON schema: the check's rule, documented; the check gives the message."""
+
+    pattern: str
+
+    def __get_pydantic_json_schema__(self, core: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        schema: dict[str, Any] = handler(core)
+        return {**schema, "pattern": self.pattern}
+
+
+ValidStr = Annotated[str, AfterValidator(check_text), _Documented(NO_NUL)]
+ValidStrictStr = Annotated[StrictStr, AfterValidator(check_text), _Documented(NO_NUL)]

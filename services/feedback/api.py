@@ -28,7 +28,13 @@ REVIEW_PAGE = Path(__file__).resolve().parent / "static" / "review.html"
 class FeedbackRequest(BaseModel):
     """A correction (true label) or a thumbs up/down for a text."""
 
-    model_config = ConfigDict(extra="forbid")
+    # a label, a thumbs, or both (FeedbackSubmitted checks it), said in the document too
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "anyOf": [{"required": [field], "properties": {field: {"type": "string"}}} for field in ("label", "thumbs")]
+        },
+    )
 
     # every string valid Unicode without NUL (Postgres stores no NUL): else 422 saying which field and why
     feedback_id: ValidStr | None = Field(
@@ -99,6 +105,24 @@ def _errors(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
 
 
+def _document_labels(app: FastAPI, service: FeedbackService) -> None:
+    """List the task's classes as the `label` enum of the OpenAPI document: the labels change with the bundle
+    in force, so the document is built again on each request for it."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        app.openapi_schema = None
+        schema = build()
+        if service.task.classes:
+            label = schema["components"]["schemas"]["FeedbackRequest"]["properties"]["label"]
+            for branch in label.get("anyOf", [label]):
+                if branch.get("type") == "string":
+                    branch["enum"] = list(service.task.classes)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend the document
+
+
 def create_app(service: FeedbackService) -> FastAPI:
     """The HTTP API of a started feedback service."""
     too_large: dict[int | str, dict[str, Any]] = {
@@ -108,6 +132,7 @@ def create_app(service: FeedbackService) -> FastAPI:
     explain_unreadable_bodies(app)
     app.state.service = service
     harden(app, service.settings, service.settings.feedback_max_body_bytes)
+    _document_labels(app, service)
     app.add_middleware(HttpTelemetry, name="feedback")  # outermost: refused requests count too
     # scopes: posting feedback (and reading the labels it may use) → feedback; what reviewers read → review
     # (which includes feedback); running the label check → admin. /review (the page), /health, /metrics: open

@@ -101,9 +101,13 @@ class Gateway:
         many = len(requests) > 1
         tenant = tenant_of(caller)
         admitted = [self._message(r, tenant, f"texts[{i}]: " if many else "") for i, r in enumerate(requests)]
-        ids = [a.msg.text_id for a in admitted]
-        if len(set(ids)) < len(ids):
-            raise HTTPException(422, "text_id values must be unique within a batch")
+        first: dict[str, int] = {}
+        for i, a in enumerate(admitted):
+            if (j := first.setdefault(a.msg.text_id, i)) != i:  # a conflict like an id reused across requests
+                raise HTTPException(
+                    409,
+                    f"texts[{i}]: text_id {a.text_id!r} is also texts[{j}]'s; an id names one text in a batch too",
+                )
         contents = [text_hash(a.msg) for a in admitted]
         for i, (a, content) in enumerate(zip(admitted, contents, strict=True)):
             if self.claims.conflicts(a.msg.text_id, content):

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flockwatch.common.events import Decision
-from flockwatch.common.validtext import ValidStrictStr
+from flockwatch.common.validtext import NO_NUL, NONSPACE_NO_NUL, ValidStrictStr
 from pydantic import BaseModel, ConfigDict, Field
+
+
+def _keys_without_nul(schema: dict[str, Any]) -> None:
+    """Pydantic spells a key pattern as `patternProperties`, which lets every other key through unchecked."""
+    (_, values), *_ = schema.pop("patternProperties").items()
+    schema.update(propertyNames={"pattern": NO_NUL}, additionalProperties=values)
 
 
 class PredictRequest(BaseModel):
@@ -12,7 +20,10 @@ class PredictRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    text: ValidStrictStr = Field(description="The text: valid Unicode without NUL, with a non-space character.")
+    text: ValidStrictStr = Field(
+        description="The text: valid Unicode without NUL, with a non-space character.",
+        json_schema_extra={"pattern": NONSPACE_NO_NUL},  # documents the route's own check, which says what is wrong
+    )
     text_id: str | None = Field(
         None,
         min_length=1,
@@ -21,7 +32,9 @@ class PredictRequest(BaseModel):
         description="Your id for the text (your token's own: other tokens' ids never meet yours); a new one is made "
         "when omitted. An id names one text: reusing it for another text or metadata is refused (409).",
     )
-    metadata: dict[ValidStrictStr, ValidStrictStr] = Field(default_factory=dict, description="E.g. source, language.")
+    metadata: dict[ValidStrictStr, ValidStrictStr] = Field(
+        default_factory=dict, description="E.g. source, language.", json_schema_extra=_keys_without_nul
+    )
 
 
 class VoterOutput(BaseModel):

@@ -15,6 +15,7 @@ from flockwatch.trainer.store import QueueFull
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_BODY_BYTES = 64 * 1024  # its one body is a small retrain request
+NO_RUN: dict[int | str, dict[str, Any]] = {404: {"model": Problem, "description": "No training run has this id"}}
 
 
 class RetrainRequest(BaseModel):
@@ -70,12 +71,16 @@ def create_app(service: TrainerService) -> FastAPI:
         """The newest runs first."""
         return await svc.store.runs(limit)
 
-    @app.get("/training/{run_id}", dependencies=admin)
+    @app.get("/training/{run_id}", dependencies=admin, responses=NO_RUN)
     async def get_training(run_id: ValidStr, svc: ServiceDep) -> dict[str, Any]:
         """A run: status (queued, running, gated, published, rejected, failed, cancelled), progress, gate."""
         return await _run_or_404(svc, run_id)
 
-    @app.post("/training/{run_id}/cancel", dependencies=admin)
+    @app.post(
+        "/training/{run_id}/cancel",
+        dependencies=admin,
+        responses={**NO_RUN, 409: {"model": Problem, "description": "The run has already finished"}},
+    )
     async def cancel_training(run_id: ValidStr, svc: ServiceDep) -> dict[str, Any]:
         """Cancel a queued run or stop a running one; 409 for a run that has already finished."""
         run = await _run_or_404(svc, run_id)

@@ -34,7 +34,11 @@ async def test_batch_returns_decisions_in_request_order(sms_bundle: Path) -> Non
     ("texts", "status", "message"),
     [
         ([], 422, "at least 1 item"),
-        ([{"text": "a", "text_id": "x"}, {"text": "b", "text_id": "x"}], 422, "unique"),
+        (
+            [{"text": "a", "text_id": "x"}, {"text": "b", "text_id": "x"}],
+            409,
+            "texts[1]: text_id 'x' is also texts[0]'s",
+        ),
         ([{"text": "fine"}, {"text": "   "}], 422, "texts[1]: text is empty"),
         ([{"text": "fine"}, {"text": "a" * 20}], 413, "texts[1]: text has 20 characters"),
         ([{"text": "a"}] * 1001, 422, "at most 1000 items"),
