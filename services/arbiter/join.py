@@ -6,11 +6,6 @@ kept); `confirm`, called once the decision is published, makes it final and drop
 nobody confirms is claimed again by `pop_expired` when its lease ends, with every vote stored so far
 (decisions have deterministic ids, so consumers drop a second one). In memory for one process; in Redis
 when several arbiter instances share the load (join state shared, claims atomic in Lua).
-
-Only a text the arbiter saw submitted is decided: votes alone never make a decision (anyone who can write to
-the bus could forge them for ids nobody submitted). Votes that arrive before their text (the arbiter reads the
-texts behind the voters) are kept; the text, when it comes, is decided as usual, by its deadline at the latest.
-If it has not come by the deadline its votes started, they wait `UNSEEN_S` more, then are dropped.
 """
 
 from __future__ import annotations
@@ -29,7 +24,6 @@ from flockwatch.common.events import Vote
 CLAIM_TTL_S = 24 * 3600  # how long a confirmed text drops late votes
 JOIN_TTL_S = 600
 LEASE_S = 30.0  # a claim not confirmed within this is claimed again
-UNSEEN_S = 60.0  # votes for a text not seen submitted wait this long past their deadline for it, then are dropped
 
 
 @dataclass
@@ -103,7 +97,6 @@ class _Entry:
     deadline: float = 0.0  # the live one: older heap items for this text are stale
     rounds: int = 0
     leased_until: float = 0.0  # claimed, not yet confirmed: nobody else claims it before then
-    unseen: bool = False  # its votes' deadline passed before its text was seen: dropped at the next one
 
 
 class MemoryJoinStore(JoinStore):
@@ -140,13 +133,9 @@ class MemoryJoinStore(JoinStore):
         now = time.time()
         for item in items:
             sub = Submitted(*item)
-            deadline = max(sub.submitted_at, now) + deadline_s
-            entry = self._entry(sub.text_id, deadline)
-            if entry is None:
-                continue
-            if entry.submitted_at is None and deadline < entry.deadline:  # its votes were kept waiting for it
-                self._schedule(sub.text_id, entry, deadline)
-            entry.submitted_at, entry.text, entry.metadata = sub.submitted_at, sub.text, sub.metadata or {}
+            entry = self._entry(sub.text_id, max(sub.submitted_at, now) + deadline_s)
+            if entry is not None:
+                entry.submitted_at, entry.text, entry.metadata = sub.submitted_at, sub.text, sub.metadata or {}
 
     async def reopen(self, item: Ready, expected: int, deadline_s: float) -> None:
         self._decided.pop(item.text_id, None)
@@ -168,8 +157,7 @@ class MemoryJoinStore(JoinStore):
             if entry is None:
                 continue
             entry.votes[vote.voter] = vote
-            complete = len(entry.votes) >= (entry.expected or expected)
-            if complete and entry.leased_until <= now and entry.submitted_at is not None:
+            if len(entry.votes) >= (entry.expected or expected) and entry.leased_until <= now:
                 ready.append(self._claim(vote.text_id, now))
         return ready
 
@@ -178,15 +166,8 @@ class MemoryJoinStore(JoinStore):
         while self._deadlines and self._deadlines[0][0] <= now and len(ready) < limit:
             deadline, text_id = heapq.heappop(self._deadlines)
             entry = self._entries.get(text_id)
-            if entry is None or deadline != entry.deadline:
-                continue
-            if entry.submitted_at is not None:
+            if entry is not None and deadline == entry.deadline:
                 ready.append(self._claim(text_id, now))
-            elif entry.unseen:  # votes for a text never submitted (forged, or its text lost): no decision
-                del self._entries[text_id]
-            else:
-                entry.unseen = True
-                self._schedule(text_id, entry, now + UNSEEN_S)
         self.next_deadline = self._deadlines[0][0] if self._deadlines else None  # maybe stale: never later
         return ready
 
@@ -198,11 +179,11 @@ class MemoryJoinStore(JoinStore):
                 self._decided.popitem(last=False)
 
 
-# the votes in a join hash: its fields less submission time, text, metadata, expected count, rounds, unseen mark
+# the votes in a join hash: its fields less text, submission time, metadata, expected count, rounds
 _VOTES = """
 local function votes(key)
   local n = redis.call('HLEN', key)
-  for _, f in ipairs({'t', 'x', 'm', 'e', 'r', 'o'}) do n = n - redis.call('HEXISTS', key, f) end
+  for _, f in ipairs({'t', 'x', 'm', 'e', 'r'}) do n = n - redis.call('HEXISTS', key, f) end
   return n
 end
 """
@@ -235,9 +216,7 @@ for i = 7, #ARGV, 3 do
     redis.call('HSET', key, 'v:' .. voter, vote)
     redis.call('EXPIRE', key, ttl)
     redis.call('ZADD', p .. 'deadlines', 'NX', now + dl, id)
-    -- only a text seen submitted ('t') is claimed: votes alone never make a decision
-    local complete = votes(key) >= tonumber(redis.call('HGET', key, 'e') or expected)
-    if complete and redis.call('HEXISTS', key, 't') == 1 then claim(p, id, now, lease, ttl, out) end
+    if votes(key) >= tonumber(redis.call('HGET', key, 'e') or expected) then claim(p, id, now, lease, ttl, out) end
   end
 end
 return out
@@ -264,28 +243,19 @@ return 1
 """
 )
 
-# ARGV: prefix, now_ms, limit, ttl, lease_ms, unseen_ms
+# ARGV: prefix, now_ms, limit, ttl, lease_ms
 _POP_EXPIRED = (
     _CLAIM
     + """
 local p, now, limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local ttl, lease, unseen = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local ttl, lease = tonumber(ARGV[4]), tonumber(ARGV[5])
 local ids = redis.call('ZRANGEBYSCORE', p .. 'deadlines', '-inf', now, 'LIMIT', 0, limit)
 local out = {}
 for _, id in ipairs(ids) do
   local mark = p .. 'decided:' .. id
   local state = redis.call('GET', mark)
-  local key = p .. 'join:' .. id
-  if not state and redis.call('HEXISTS', key, 't') == 1 then
+  if not state then
     claim(p, id, now, lease, ttl, out)
-  elseif not state and redis.call('HSETNX', key, 'o', '1') == 1 then
-    -- votes for a text not seen submitted: they wait for it once more
-    redis.call('EXPIRE', key, ttl)
-    redis.call('ZADD', p .. 'deadlines', now + unseen, id)
-  elseif not state then
-    -- still not seen (forged, or its text lost): dropped, no decision from votes alone
-    redis.call('DEL', key)
-    redis.call('ZREM', p .. 'deadlines', id)
   elseif state == 'lease' then
     -- our clock ran ahead of Redis's (PTTL may be 0 in the lease's last millisecond): wait for the lease
     redis.call('ZADD', p .. 'deadlines', now + math.max(redis.call('PTTL', mark), 1), id)
@@ -305,14 +275,13 @@ local p, ttl = ARGV[1], tonumber(ARGV[2])
 for i = 3, #ARGV, 6 do
   local id = ARGV[i]
   local key = p .. 'join:' .. id
-  local fresh = redis.call('HSETNX', key, 't', ARGV[i + 1])
+  redis.call('HSETNX', key, 't', ARGV[i + 1])
   if ARGV[i + 2] == '1' then
     redis.call('HSETNX', key, 'x', ARGV[i + 3])
     redis.call('HSETNX', key, 'm', ARGV[i + 4])
   end
   redis.call('EXPIRE', key, ttl)
-  -- a text seen now whose votes were kept waiting for it: its own deadline if that is sooner
-  redis.call('ZADD', p .. 'deadlines', fresh == 1 and 'LT' or 'NX', ARGV[i + 5], id)
+  redis.call('ZADD', p .. 'deadlines', 'NX', ARGV[i + 5], id)
 end
 return (#ARGV - 2) / 6
 """
@@ -388,8 +357,7 @@ class RedisJoinStore(JoinStore):
         return self._ready(await self._add(args=args), sent)
 
     async def pop_expired(self, now: float, limit: int = 1000) -> list[Ready]:
-        args: list[Any] = [self.prefix, int(now * 1000), limit, JOIN_TTL_S, self._lease_ms, int(UNSEEN_S * 1000)]
-        flat, first = await self._pop(args=args)
+        flat, first = await self._pop(args=[self.prefix, int(now * 1000), limit, JOIN_TTL_S, self._lease_ms])
         self.next_deadline = float(first) / 1000 if first is not None else None
         return self._ready(flat)
 
@@ -402,7 +370,7 @@ class RedisJoinStore(JoinStore):
         ready, known = [], known or {}
         for text_id, fields in zip(flat[::2], flat[1::2], strict=True):
             pairs = dict(zip(fields[::2], fields[1::2], strict=True))
-            t, text, meta, _, rounds, _ = (pairs.pop(f, None) for f in (b"t", b"x", b"m", b"e", b"r", b"o"))
+            t, text, meta, _, rounds = (pairs.pop(f, None) for f in (b"t", b"x", b"m", b"e", b"r"))
             votes = [known.get(v) or Vote.model_validate_json(v) for v in pairs.values()]
             ready.append(
                 Ready(
