@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -14,10 +15,10 @@ from faststream.kafka import KafkaBroker
 from faststream.nats import JStream, NatsBroker, PullSub
 from faststream.redis import RedisBroker, StreamSub
 from faststream.redis.message import DATA_KEY
-from flockwatch.common import envelope, kafka_config
+from flockwatch.common import envelope, kafka_config, telemetry
 from flockwatch.common.bus import Ack, Bus, BusUnavailable, Route
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
@@ -255,6 +256,7 @@ class FastStreamBus(Bus):
             self.broker = NatsBroker(url, **QUIET)
         self._started = False
         self._bound = 0
+        self._lag_task: asyncio.Task[None] | None = None
         self._publishing = asyncio.Semaphore(PUBLISH_CONCURRENCY)
         self._redis_sender = RedisSender(self.broker, self._retrying) if isinstance(self.broker, RedisBroker) else None
 
@@ -394,6 +396,8 @@ class FastStreamBus(Bus):
         if isinstance(self.broker, RedisBroker):
             await self.broker.connect()
             await self._create_redis_groups()
+            if self.settings.lag_interval_s > 0 and self.routes:
+                self._lag_task = asyncio.get_running_loop().create_task(self._watch_redis_lag())
         if isinstance(self.broker, KafkaBroker):
             await self._start_kafka(self.broker)
         else:
@@ -410,7 +414,40 @@ class FastStreamBus(Bus):
             await pub.start()
         broker.running = True
 
+    async def redis_lag(self) -> dict[tuple[str, str], tuple[int | None, int]]:
+        """(topic, group) → (entries not yet read, or None where Redis cannot tell; read and not acknowledged)
+        for this process's work groups; also the gauges `flockwatch_consumer_lag` / `_pending`."""
+        redis: Any = self.broker._connection  # noqa: SLF001 - the broker's own client
+        out: dict[tuple[str, str], tuple[int | None, int]] = {}
+        for route in self.routes:
+            if route.broadcast:
+                continue
+            group = self.group_of(route)
+            for info in await redis.xinfo_groups(route.topic):
+                name = info["name"].decode() if isinstance(info["name"], bytes) else info["name"]
+                if name == group:
+                    lag = info.get("lag")
+                    out[(route.topic, group)] = (None if lag is None else int(lag), int(info["pending"]))
+        for (topic, group), (lag, pending) in out.items():
+            if lag is not None:
+                telemetry.CONSUMER_LAG.labels(topic, group).set(lag)
+            telemetry.CONSUMER_PENDING.labels(topic, group).set(pending)
+        return out
+
+    async def _watch_redis_lag(self) -> None:
+        while True:
+            try:
+                await self.redis_lag()
+            except (RedisError, OSError) as exc:
+                log.debug("bus: consumer lag not read: %s", exc)
+            await asyncio.sleep(self.settings.lag_interval_s)
+
     async def stop(self) -> None:
+        if self._lag_task is not None:
+            self._lag_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lag_task
+            self._lag_task = None
         if self._started:
             if self._redis_sender is not None:
                 await self._redis_sender.drain()

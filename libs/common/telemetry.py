@@ -38,6 +38,14 @@ REQUESTS_EXPIRED = Counter(
 )
 IN_FLIGHT = Gauge("flockwatch_gateway_in_flight", "Texts accepted and waiting for a decision")
 REFUSED = Counter("flockwatch_gateway_refused_total", "Texts refused by admission control (503)")
+CONSUMER_LAG = Gauge(
+    "flockwatch_consumer_lag",
+    "Entries of a topic its consumer group has not read yet (Redis Streams: XINFO GROUPS lag)",
+    ["topic", "group"],
+)
+CONSUMER_PENDING = Gauge(
+    "flockwatch_consumer_pending", "Entries a consumer group has read but not acknowledged", ["topic", "group"]
+)
 MODEL_INFO = Gauge("flockwatch_model_info", "Loaded model versions (value 1)", ["component", "version"])
 MODEL_CERTIFIED = Gauge(
     "flockwatch_model_certified", "1 when the bundle in force certified its risk target, 0 when it abstains on all"

@@ -125,3 +125,37 @@ async def test_kafka_bindings_through_test_kafka_broker() -> None:
 def test_unknown_bus_scheme_is_refused_with_the_choices() -> None:
     with pytest.raises(ValueError, match="memory://"):
         CommonSettings(bus_url="carrier-pigeon://coop")
+
+
+async def test_consumer_lag_is_measured_per_topic_and_group_on_redis() -> None:
+    """A backlog published while the consumer is stopped shows as lag; read and acknowledged, it is gone."""
+    import redis.asyncio as aioredis
+    from flockwatch.common import telemetry
+
+    url = "redis://127.0.0.1:6379/9"
+    await aioredis.from_url(url).flushdb()
+    group = f"lag-{uuid.uuid4().hex[:6]}"
+    settings = CommonSettings(_env_file=None, bus_url=url, instance_id=group, batch_wait_ms=1, lag_interval_s=0)
+    seen: list[TextSubmitted] = []
+    bus = create_bus(settings)
+    assert isinstance(bus, FastStreamBus)
+    hold = asyncio.Event()
+
+    @bus.subscribe(topics.TEXT_SUBMITTED, TextSubmitted, group=group)
+    async def read(msgs: list[TextSubmitted]) -> list[Event]:
+        await hold.wait()  # the consumer is busy: the backlog stays
+        seen.extend(msgs)
+        return []
+
+    publisher = create_bus(CommonSettings(_env_file=None, bus_url=url, instance_id=f"{group}-p"))
+    async with bus, publisher:
+        await publisher.publish([TextSubmitted(message_id=f"m{i}", text_id=f"t{i}", text="hi") for i in range(300)])
+        lag = await bus.redis_lag()
+        backlog, pending = lag[(topics.TEXT_SUBMITTED, group)]
+        assert backlog is not None and backlog + pending == 300 and backlog > 0
+        sample = telemetry.CONSUMER_LAG.labels(topics.TEXT_SUBMITTED, group)._value.get()  # noqa: SLF001
+        assert sample == backlog
+        hold.set()
+        await until(lambda: len(seen) == 300)
+        await until(lambda: False, 0.5)  # the last acknowledgements
+        assert (await bus.redis_lag())[(topics.TEXT_SUBMITTED, group)] == (0, 0)
