@@ -257,6 +257,7 @@ class FastStreamBus(Bus):
         self._started = False
         self._bound = 0
         self._lag_task: asyncio.Task[None] | None = None
+        self._lag_redis: Any = None
         self._publishing = asyncio.Semaphore(PUBLISH_CONCURRENCY)
         self._redis_sender = RedisSender(self.broker, self._retrying) if isinstance(self.broker, RedisBroker) else None
 
@@ -417,7 +418,11 @@ class FastStreamBus(Bus):
     async def redis_lag(self) -> dict[tuple[str, str], tuple[int | None, int]]:
         """(topic, group) → (entries not yet read, or None where Redis cannot tell; read and not acknowledged)
         for this process's work groups; also the gauges `flockwatch_consumer_lag` / `_pending`."""
-        redis: Any = self.broker._connection  # noqa: SLF001 - the broker's own client
+        if self._lag_redis is None:  # a client of its own: the broker's pool is busy with blocking reads
+            import redis.asyncio as aioredis
+
+            self._lag_redis = aioredis.from_url(self.settings.bus_url, socket_timeout=2, socket_connect_timeout=2)
+        redis: Any = self._lag_redis
         out: dict[tuple[str, str], tuple[int | None, int]] = {}
         for route in self.routes:
             if route.broadcast:
@@ -448,6 +453,9 @@ class FastStreamBus(Bus):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._lag_task
             self._lag_task = None
+        if self._lag_redis is not None:
+            await self._lag_redis.aclose()
+            self._lag_redis = None
         if self._started:
             if self._redis_sender is not None:
                 await self._redis_sender.drain()
