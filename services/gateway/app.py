@@ -325,6 +325,27 @@ def create_app(
             raise HTTPException(404, f"no decision for text {text_id!r} (yet)")
         return found
 
+    @app.get("/health/live")
+    async def live() -> dict[str, str]:
+        """Liveness: the process answers (restart it when this fails)."""
+        return {"status": "alive"}
+
+    @app.get("/health/ready", responses={503: {"model": Problem, "description": "Not ready; `detail` says why"}})
+    async def ready(gw: GatewayDep) -> dict[str, object]:
+        """Readiness: the pipeline can decide. The bundle in force is loaded and certified (a bundle that abstains
+        on every text is not ready), and no text in flight has waited past `FLOCKWATCH_GATEWAY_READY_STALL_S` (a
+        dead bus, arbiter or voters show as a stall)."""
+        model = await asyncio.to_thread(bundle_certification, gw.settings.model_dir)
+        waited, stall = gw.book.oldest_wait_s, gw.settings.gateway_ready_stall_s
+        problems = []
+        if model.get("certified") is not True:
+            problems.append(f"bundle: {model.get('error') or 'certifies nothing: it abstains on every text'}")
+        if waited > stall:
+            problems.append(f"pipeline: a text has waited {waited:.1f} s for its decision (limit {stall:g} s)")
+        if problems:
+            raise HTTPException(503, "not ready: " + "; ".join(problems))
+        return {"status": "ready", "oldest_wait_s": round(waited, 3), "in_flight": gw.book.in_flight, "model": model}
+
     @app.get("/health")
     async def health(gw: GatewayDep) -> dict[str, object]:
         """Liveness, the bus kind, the texts in flight, and whether the bundle in force answers at all."""

@@ -14,6 +14,9 @@ class GatewaySettings(CommonSettings):
     gateway_max_text_chars: int = Field(10_000, ge=1, description="Longer texts are refused with 413.")
     gateway_max_body_bytes: int = Field(1_000_000, ge=1, description="Larger request bodies are refused with 413.")
     gateway_max_in_flight: int = Field(2_000, ge=1, description="Texts waiting for a decision; beyond, 503.")
+    gateway_ready_stall_s: float = Field(
+        10.0, gt=0, description="GET /health/ready fails while a text in flight has waited longer than this."
+    )
     gateway_max_in_flight_per_tenant: int = Field(
         1_000,
         ge=0,
