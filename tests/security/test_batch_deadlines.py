@@ -20,8 +20,11 @@ async def test_every_text_of_a_1000_text_batch_gets_every_cheap_vote(
 ) -> None:
     texts = [t for t in read_table(data_files["sms"], "text", "label").texts if len(t) <= 1000][:1000]
     assert len(texts) == 1000
-    # the cap on the extra wait is not what this test is about: a loaded 2-core box must not reach it
-    async with stack(sms_bundle, arbiter_deadline_ms=100, arbiter_max_extra_wait_ms=30_000) as (client, _):
+    # neither the cap on the extra wait nor the silence after which a voter counts as down is what this test is
+    # about: a loaded 2-core box must reach neither (on a clean-clone CI run one voter's batch outlasted the 2 s
+    # silence and the tail was decided without it)
+    settings = {"arbiter_deadline_ms": 100, "arbiter_max_extra_wait_ms": 30_000, "arbiter_voter_silence_ms": 30_000}
+    async with stack(sms_bundle, **settings) as (client, _):
         warm = await client.post("/predict", json={"text": "are we still on for lunch today?"})
         assert set(warm.json()["voter_outputs"]) == CHEAP  # every voter has voted once: the stack is warm
         answer = await client.post("/predict/batch", json={"texts": [{"text": t} for t in texts]}, timeout=120)
