@@ -6,13 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 from flockwatch.common import topics
 from flockwatch.common.artifacts import manifest_sha256, read_manifest
 from flockwatch.common.bus import Bus
@@ -21,42 +19,14 @@ from flockwatch.gateway.cache import PredictionCache
 from flockwatch.gateway.settings import GatewaySettings
 from prometheus_client import REGISTRY
 
+from tests.security.support import HAM, REDIS, SPAM, cached_keys, key_prefix, until
 from tests.stack import stack
-
-REDIS = "redis://127.0.0.1:6379/3"  # keys under a prefix of each test's own, deleted after it
-SPAM = "WINNER!! You have won a £1000 cash prize. Call 09061701461 now to claim, T&C apply"
-HAM = "are we still on for lunch today?"
 
 
 @pytest.fixture
 async def prefix() -> AsyncIterator[str]:
-    """A key prefix for this test alone; its keys are deleted afterwards."""
-    name = f"fwtest:cache:{uuid.uuid4().hex[:8]}"
-    yield name
-    client = aioredis.from_url(REDIS)
-    keys = [k async for k in client.scan_iter(match=f"{name}:*")]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
-
-
-async def cached_keys(prefix: str) -> list[bytes]:
-    client = aioredis.from_url(REDIS)
-    try:
-        return sorted([k async for k in client.scan_iter(match=f"{prefix}:*")])
-    finally:
-        await client.aclose()
-
-
-async def until(check: Callable[[], object], what: str, seconds: float = 10.0) -> None:
-    for _ in range(int(seconds / 0.02)):
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{what}: not within {seconds} s")
+    async with key_prefix("cache") as name:
+        yield name
 
 
 def submitted_into(ids: list[str]) -> Callable[[Bus], object]:
@@ -145,7 +115,7 @@ async def test_model_published_invalidates_the_cache(sms_bundle: Path, prefix: s
         now = await cached_keys(prefix)
     assert after["cached"] is False and again["cached"] is True
     assert sent == ["m-1", "m-3"]
-    assert len(old) == len(now) == 1 and old[0].rsplit(b":", 1)[1] == now[0].rsplit(b":", 1)[1]  # same text…
+    assert len(old) == len(now) == 1 and old[0].rsplit(":", 1)[1] == now[0].rsplit(":", 1)[1]  # same text…
     assert old != now  # …under the new versions' digest
 
 

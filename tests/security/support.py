@@ -100,6 +100,31 @@ def tenants(directory: Path) -> Tenants:
     return Tenants(path, made["alice"], made["bob"], made["admin"], names)
 
 
+@asynccontextmanager
+async def key_prefix(tag: str) -> AsyncIterator[str]:
+    """A Redis key prefix for one test alone (under `REDIS`); its keys are deleted afterwards."""
+    import redis.asyncio as aioredis
+
+    name = f"fwtest:{tag}:{uuid.uuid4().hex[:8]}"
+    yield name
+    client = aioredis.from_url(REDIS)
+    keys = [k async for k in client.scan_iter(match=f"{name}:*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+async def cached_keys(prefix: str) -> list[str]:
+    """The keys under `prefix`, sorted."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(REDIS)
+    try:
+        return sorted([k.decode() async for k in client.scan_iter(match=f"{prefix}:*")])
+    finally:
+        await client.aclose()
+
+
 async def until(check: Callable[[], object], what: str, seconds: float = 10.0) -> None:
     """Wait for `check()` (sync or async) to be truthy."""
     for _ in range(int(seconds / 0.02)):

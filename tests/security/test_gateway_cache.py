@@ -3,38 +3,33 @@ with two texts cannot make another tenant's text answered with the first text's 
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-import redis.asyncio as aioredis
 from flockwatch.common.events import TextSubmitted
 from flockwatch.gateway.cache import PredictionCache, text_hash
 from flockwatch.gateway.settings import GatewaySettings
 
-from tests.security.support import HAM, REDIS, SPAM, decision, fake_arbiter, fake_bundle, tenants, until
+from tests.security.support import (
+    HAM,
+    REDIS,
+    SPAM,
+    cached_keys,
+    decision,
+    fake_arbiter,
+    fake_bundle,
+    key_prefix,
+    tenants,
+    until,
+)
 from tests.stack import stack
 
 
 @pytest.fixture
 async def prefix() -> AsyncIterator[str]:
-    """A key prefix for this test alone; its keys are deleted afterwards."""
-    name = f"fwtest:security:{uuid.uuid4().hex[:8]}"
-    yield name
-    client = aioredis.from_url(REDIS)
-    keys = [k async for k in client.scan_iter(match=f"{name}:*")]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
-
-
-async def cached_keys(prefix: str) -> list[str]:
-    client = aioredis.from_url(REDIS)
-    try:
-        return sorted([k.decode() async for k in client.scan_iter(match=f"{prefix}:*")])
-    finally:
-        await client.aclose()
+    async with key_prefix("security") as name:
+        yield name
 
 
 async def test_a_text_id_reused_for_another_text_does_not_poison_another_tenants_answer(
