@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 import torch
 from flockwatch.classical_voter.finetune import FinetuneConfig, FineTunedEncoder
+from flockwatch.classical_voter.finetune_onnx import export, onnx_session, session_logits
 from scipy.special import softmax
 from sklearn.metrics import f1_score
 from sklearn.model_selection import train_test_split
@@ -92,48 +93,19 @@ def trained(name: str, layers: int, train: pd.DataFrame, work: Path) -> tuple[Fi
 
 
 class OrtModel:
-    """The fine-tuned network exported to ONNX and run by ONNX Runtime (tokenizing and batching as torch's)."""
+    """The fine-tuned network exported to ONNX and run by ONNX Runtime (the service's export and batching)."""
 
     def __init__(self, model: FineTunedEncoder, path: Path, int8: bool) -> None:
-        import onnxruntime as ort
-
-        ids, mask = model._pad(model._tokenize(["a short text", "another one"]), np.arange(2))
-        torch.onnx.export(
-            model.net_,
-            (ids, mask),
-            str(path),
-            input_names=["input_ids", "attention_mask"],
-            output_names=["logits"],
-            dynamic_axes={"input_ids": {0: "b", 1: "s"}, "attention_mask": {0: "b", 1: "s"}, "logits": {0: "b"}},
-            opset_version=17,
-            dynamo=False,
-        )
-        if int8:
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            quantize_dynamic(str(path), str(path.with_suffix(".int8.onnx")), weight_type=QuantType.QInt8)
-            path = path.with_suffix(".int8.onnx")
-        self.model, self.path, self.ort = model, path, ort
+        self.model, self.path = model, export(model, path, int8)
         self.session: Any = None
 
     def threads(self, n: int) -> None:
         """A session with `n` intra-op threads."""
-        options = self.ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = n, 1
-        self.session = self.ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        self.session = onnx_session(self.path, n)
 
     def predict_logits(self, texts: list[str]) -> np.ndarray:
         """Logits in `texts` order, length-sorted forward passes of the torch model's batch size."""
-        m = self.model
-        ids = m._tokenize(texts)
-        order = np.argsort([len(row) for row in ids], kind="stable")
-        out = np.empty((len(texts), len(m.classes_)), dtype=np.float32)
-        for start in range(0, len(order), m.infer_batch_size):
-            batch = order[start : start + m.infer_batch_size]
-            input_ids, mask = m._pad(ids, batch)
-            feeds = {"input_ids": input_ids.numpy(), "attention_mask": mask.numpy()}
-            out[batch] = self.session.run(None, feeds)[0]
-        return out
+        return session_logits(self.model, self.session, texts)
 
 
 def timed(predict: Any, texts: list[str], batch: int) -> tuple[np.ndarray, float]:

@@ -26,32 +26,42 @@ class OnnxLogits:
 
     def __init__(self, model: FineTunedEncoder, quantize: bool = True, threads: int | None = None) -> None:
         try:
-            import onnxruntime as ort
+            import onnxruntime  # noqa: F401 - a clear error before any export work
         except ImportError as exc:
             raise RuntimeError("the onnxruntime backend needs `pip install onnxruntime onnx`") from exc
         if getattr(model, "quantized_", False):
             raise ValueError("export the fp32 model: ONNX Runtime quantizes it itself")
         self.model = model
         with tempfile.TemporaryDirectory() as tmp:
-            path = export(model, Path(tmp) / "encoder.onnx", quantize)
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's default (one per core)
-            options.inter_op_num_threads = 1
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = onnx_session(export(model, Path(tmp) / "encoder.onnx", quantize), threads)
 
     def predict_logits(self, texts: Sequence[str]) -> NDArray[np.float32]:
         """(n, k) logits in `texts` order: length-sorted forward passes of the model's `infer_batch_size`."""
-        m = self.model
-        out = np.empty((len(texts), len(m.classes_)), dtype=np.float32)
-        if not len(texts):
-            return out
-        ids = m._tokenize(texts)
-        order = np.argsort([len(row) for row in ids], kind="stable")
-        for start in range(0, len(order), m.infer_batch_size):
-            batch = order[start : start + m.infer_batch_size]
-            input_ids, mask = m._pad(ids, batch)
-            out[batch] = self.session.run(None, {"input_ids": input_ids.numpy(), "attention_mask": mask.numpy()})[0]
+        return session_logits(self.model, self.session, texts)
+
+
+def onnx_session(path: Path, threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU session on the file at `path` (threads None: one per core)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's default (one per core)
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def session_logits(model: FineTunedEncoder, session: Any, texts: Sequence[str]) -> NDArray[np.float32]:
+    """(n, k) logits of an exported `model` run by `session`, tokenized and batched as the torch model does."""
+    out = np.empty((len(texts), len(model.classes_)), dtype=np.float32)
+    if not len(texts):
         return out
+    ids = model._tokenize(texts)
+    order = np.argsort([len(row) for row in ids], kind="stable")
+    for start in range(0, len(order), model.infer_batch_size):
+        batch = order[start : start + model.infer_batch_size]
+        input_ids, mask = model._pad(ids, batch)
+        out[batch] = session.run(None, {"input_ids": input_ids.numpy(), "attention_mask": mask.numpy()})[0]
+    return out
 
 
 def export(model: FineTunedEncoder, path: Path, quantize: bool) -> Path:
