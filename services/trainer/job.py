@@ -23,7 +23,7 @@ from flockwatch.trainer.evaluate import collect
 from flockwatch.trainer.gate import Check, GateConfig, GateResult, HeldOut, Outputs, decide, summary_line
 from flockwatch.trainer.pipeline import Progress, TrainConfig, train
 from flockwatch.trainer.registry import finalize
-from flockwatch.trainer.safety import MUST_CATCH, bundle_cases, check_must_catch
+from flockwatch.trainer.safety import MUST_CATCH, bundle_cases, check_must_catch, read_classes
 from pydantic import BaseModel, Field
 
 RESULT = "result.json"
@@ -111,7 +111,7 @@ def gate_candidate(
     cfg: GateConfig,
 ) -> GateResult:
     """Champion and challenger on the same held-out texts, through the services' own decision code."""
-    challenger, slices = _outputs(candidate, held.data, classes := _classes(candidate))
+    challenger, slices = _outputs(candidate, held.data, classes := read_classes(candidate))
     y = np.array([classes.index(label) for label in held.data.labels], dtype=np.int64)
     champ = _outputs(champion, held.data, classes)[0] if champion is not None else None
     result = decide(HeldOut(y, classes, slices, held.reference), challenger, champ, kind, cfg)
@@ -123,17 +123,6 @@ def gate_candidate(
     return replace(result, checks=[*result.checks, check], passed=result.passed and safety.passed)
 
 
-def _trained(bundle: Path) -> dict[str, Any]:
-    """How a bundle was trained (its manifest's config: calibration scheme, held-out shares)."""
-    return dict(read_manifest(bundle, verify=False).config)
-
-
-def _classes(bundle: Path) -> list[str]:
-    from flockwatch.common.labels import LabelConfig
-
-    return LabelConfig.load(verified_file(bundle, "labels.yaml")).names
-
-
 def run(spec: JobSpec, progress: Progress) -> dict[str, Any]:
     """Data, candidate, gate; returns the result record (also written to result.json)."""
     started = time.perf_counter()
@@ -143,25 +132,28 @@ def run(spec: JobSpec, progress: Progress) -> dict[str, Any]:
         base = Dataset(base.texts[: spec.base_limit], base.labels[: spec.base_limit])
     merged = rundata.merge(base, spec.corrections)
     held = rundata.held_out(merged)
+    # how the champion was trained (its manifest's config: calibration scheme, held-out shares)
+    champion = read_manifest(spec.champion, verify=False) if spec.champion else None
+    trained_as = champion.config if champion else {}
     if spec.kind == "recalibrate":
         if spec.champion is None:
             raise ValueError("a calibration-only run needs a published champion")
         from flockwatch.trainer.recalibrate import recalibrate
 
-        held_cal = _trained(spec.champion).get("calibration") == "holdout"
+        held_cal = trained_as.get("calibration") == "holdout"
         fit_rows, cal_rows = rundata.recalibration_pool(merged, spec.recent, calibration_held_out=held_cal)
         candidate = recalibrate(spec.champion, fit_rows, cal_rows, held.data, spec.work_dir / "candidates", progress)
     else:
         candidate = _train_full(spec, merged, held.data, progress)
     trained = time.perf_counter()
     progress(f"gate: champion vs challenger on {len(held.data)} held-out texts")
-    if spec.champion is not None and _trained(spec.champion).get("test_frac") == 0:  # (None: a test file)
+    if champion is not None and trained_as.get("test_frac") == 0:  # (None: a test file)
         progress(
             "warning: the champion held no test share out (train it with --test-frac 0.25): it trained on "
             "the gate's held-out texts, so its scores there are optimistic and challengers lose more often"
         )
     gate = gate_candidate(candidate, spec.champion, held, spec.kind, GateConfig(**spec.gate)).to_dict()
-    parent = read_manifest(spec.champion, verify=False).version if spec.champion else None
+    parent = champion.version if champion else None
     data_report = {**merged.report, "held_out": len(held.data), "held_out_reference": int(held.reference.sum())}
     data_report["held_out_dropped_leaks"] = held.dropped_leaks
     lineage = {
