@@ -164,13 +164,8 @@ class FeedbackStore:
     async def probabilities_of(self, text_ids: Sequence[str]) -> dict[str, dict[str, float]]:
         """The ensemble's class probabilities for the given texts (those it decided)."""
         sql = "SELECT text_id, probabilities FROM decisions WHERE text_id = ANY($1::text[])"
-        out = {}
-        for r in await self.pool.fetch(sql, list(set(text_ids))):
-            probs = r["probabilities"]
-            probs = json.loads(probs) if isinstance(probs, str) else probs
-            if isinstance(probs, dict):
-                out[r["text_id"]] = {str(k): float(v) for k, v in probs.items()}
-        return out
+        rows = await self.pool.fetch(sql, list(set(text_ids)))  # jsonb comes back decoded (see `_init`)
+        return {r["text_id"]: {str(k): float(v) for k, v in r["probabilities"].items()} for r in rows}
 
     async def set_flags(self, flags: Sequence[tuple[str, str, float]], method: str, rows: int, details: Any) -> int:
         """Flag corrections as likely label errors (id, reason, score) and record the run; returns its id."""
