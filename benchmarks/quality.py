@@ -8,7 +8,7 @@ the cheap variant on N splits per set and counts the splits whose realized selec
 the target: the guarantee (error ≤ target with probability ≥ 1 − δ) allows about a δ share of them.
 
 Usage: .venv/bin/python benchmarks/quality.py [--sets sms trec] [--data NAME=PATH …] [--seeds 0 1 2]
-           [--variants default rules finetune] [--validity 20] [--jobs 2] [--keep]
+           [--variants default cheap rules finetune] [--validity 20] [--jobs 2] [--keep]
            [--out benchmarks/results/quality.json]          (the table also goes to the .md next to it)
 """
 
@@ -110,7 +110,7 @@ def plan(args: argparse.Namespace, sets: dict[str, Path], work: Path) -> tuple[l
                 else:
                     flags = (*flags, *shlex.split(args.train_flags))
                     jobs.append(Job("ensemble", name, seed, variant, split, flags, threads, conformal=args.conformal))
-    order = {"finetune": 0, "rules": 1, "default": 2, "": 3}
+    order = {"finetune": 0, "rules": 1, "default": 2, "cheap": 3, "": 4}
     return sorted(jobs, key=lambda job: order[job.variant]), skipped
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import yaml
 from flockwatch.common.artifacts import read_manifest, verified_file
 from flockwatch.common.datasets import Dataset, read_table
 from flockwatch.trainer import data as rundata
@@ -68,10 +69,53 @@ def _config(spec: JobSpec, key: str) -> Path | None:
     return None
 
 
+def _champion_lfs(spec: JobSpec) -> Path | None:
+    """The configured lfs.yaml, else the champion's keyword and voter LFs (from its ws_lfs.yaml) as one."""
+    if spec.configs.get("lfs") is not None or spec.champion is None:
+        return spec.configs.get("lfs")
+    from flockwatch.ws_voter.app import DEFINITION
+
+    if DEFINITION not in read_manifest(spec.champion, verify=False).files:
+        return None
+    record = yaml.safe_load(verified_file(spec.champion, DEFINITION).read_text(encoding="utf-8")) or {}
+    lfs = (record.get("definition") or {}).get("lfs") or {}
+    if not (lfs.get("lfs") or lfs.get("voters")):
+        return None  # the champion's LFs were its rules only: rules.yaml carries them
+    path = spec.work_dir / "champion_lfs.yaml"
+    path.write_text(yaml.safe_dump(lfs, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def _champion_embedding(spec: JobSpec) -> tuple[Path | None, Any]:
+    """The configured encoder folder, else the champion's embedding voter as it was trained: its encoder
+    (found again and checked by sha256) and, for a fine-tuned one, its fine-tuning configuration."""
+    if spec.configs.get("embedding") is not None or spec.champion is None:
+        return spec.configs.get("embedding"), None
+    from flockwatch.classical_voter.embedding_app import INFO
+    from flockwatch.classical_voter.encoder import locate
+
+    if INFO not in read_manifest(spec.champion, verify=False).files:
+        return None, None
+    info = json.loads(verified_file(spec.champion, INFO).read_text(encoding="utf-8"))
+    folder = locate(info["encoder"])
+    if info.get("kind") != "finetuned":
+        return folder, None
+    from flockwatch.classical_voter.finetune import FinetuneConfig
+
+    return folder, FinetuneConfig(**info.get("config", {}))
+
+
 def _train_full(spec: JobSpec, run: rundata.RunData, held: Dataset, progress: Progress) -> Path:
+    return train(full_config(spec, rundata.training_rows(run), held), progress)
+
+
+def full_config(spec: JobSpec, data: Dataset, held: Dataset) -> TrainConfig:
+    """A full run's configuration: what the trainer is told, else the champion's whole configuration (labels,
+    rules, keyword and voter LFs, slices, conformal.yaml, must-catch cases, the embedding voter)."""
     llm = spec.configs.get("llm") if len(spec.corrections) >= spec.llm_min_corrections else None
+    encoder, finetune = _champion_embedding(spec)
     config = TrainConfig(
-        data=rundata.training_rows(run),
+        data=data,
         test=held,
         out=spec.work_dir / "candidates",
         name=spec.name,
@@ -79,15 +123,16 @@ def _train_full(spec: JobSpec, run: rundata.RunData, held: Dataset, progress: Pr
         rules=_config(spec, "rules"),
         slices=_config(spec, "slices"),
         conformal=_config(spec, "conformal"),
-        lfs=_config(spec, "lfs"),
+        lfs=_champion_lfs(spec),
         llm=llm,
         folds=spec.folds,
-        embedding=spec.configs.get("embedding"),
+        embedding=encoder,
+        finetune=finetune,
         must_catch=_config(spec, "must_catch"),
     )
     if spec.configs.get("llm_base") is not None:
         config.llm_base = Path(str(spec.configs["llm_base"]))
-    return train(config, progress)
+    return config
 
 
 def _outputs(model_dir: Path, held: Dataset, classes: list[str]) -> tuple[Outputs, dict[str, np.ndarray]]:

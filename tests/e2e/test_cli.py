@@ -55,7 +55,7 @@ def test_train_and_eval_on_a_users_jsonl_without_rules(tmp_path: Path, data_file
     )
     assert evaluated.exit_code == 0, evaluated.output
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert set(metrics["voters"]) == {"tfidf_lr", "tfidf_svm"}
+    assert set(metrics["voters"]) == {"tfidf_lr", "tfidf_svm", "minilm"}  # minilm: on by default
     for report in metrics["voters"].values():
         assert 0.3 < report["macro_f1"] <= 1 and 0 <= report["ece"] < 0.3
         assert set(report["per_class_f1"]) == {"ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"}
@@ -97,3 +97,14 @@ def test_rules_test_shows_which_rules_fire() -> None:
     )
     assert result.exit_code == 0, result.output
     assert "spam-premium-number" in result.output and "spam" in result.output
+
+
+def test_the_embedding_voter_is_on_by_default_and_can_be_turned_off(tmp_path: Path) -> None:
+    from flockwatch.classical_voter.encoder import EncoderError, packaged_minilm
+    from flockwatch.cli.main import _encoder
+
+    assert _encoder(None, None, False) == packaged_minilm()
+    assert _encoder(False, None, False) is None
+    assert _encoder(False, None, True) == packaged_minilm()  # --finetune implies the voter
+    with pytest.raises(EncoderError, match="not a sentence-transformers folder"):
+        _encoder(None, tmp_path, False)

@@ -240,3 +240,15 @@ async def test_always_mode_votes_on_every_text_and_reloads_on_model_published(
     reloaded = service.core
     assert isinstance(reloaded, EmbeddingCore) and reloaded is not core
     assert reloaded.model.encoder is core.model.encoder  # same encoder: reload keeps the model and its cache
+
+
+def test_a_retrain_keeps_the_champions_embedding_voter(bundle: tuple[Path, _Fitted], tmp_path: Path) -> None:
+    from flockwatch.trainer.job import JobSpec, full_config
+
+    spec = JobSpec(run_id="r1", work_dir=tmp_path, name="trec", champion=bundle[0], base_data=tmp_path / "x.csv")
+    config = full_config(spec, Dataset(["a", "b"], ["x", "y"]), Dataset(["c"], ["x"]))
+    assert config.embedding == packaged_minilm() and config.finetune is None
+    told = JobSpec(**{**spec.model_dump(), "configs": {"embedding": tmp_path}})
+    assert full_config(told, Dataset(["a"], ["x"]), Dataset(["c"], ["x"])).embedding == tmp_path
+    bare = JobSpec(**{**spec.model_dump(), "champion": None})
+    assert full_config(bare, Dataset(["a"], ["x"]), Dataset(["c"], ["x"])).embedding is None

@@ -60,3 +60,33 @@ def test_the_gate_rejects_a_challenger_that_misses_a_case(sms_bundle: Path, tmp_
     assert not bad.passed and "must_catch" in bad.reasons
     (check,) = [c for c in bad.checks if c.name == "must_catch"]
     assert check.detail["missed"][0]["prediction"] == "spam"
+
+
+def test_a_retrain_keeps_the_champions_whole_configuration(sms_bundle: Path, tmp_path: Path) -> None:
+    """Labels, rules, keyword LFs, slices, conformal.yaml and must-catch cases all come from the champion
+    unless the trainer is told otherwise (a retrain that dropped the keyword LFs once went unnoticed)."""
+    import yaml
+    from flockwatch.common.labels import LabelConfig
+    from flockwatch.trainer.job import JobSpec, full_config
+    from flockwatch.ws_voter.lfs import LFFile, load_lf_file
+
+    configs = SHIPPED.parent
+    champion = tmp_path / "champion"
+    shutil.copytree(sms_bundle, champion)
+    shutil.copyfile(SHIPPED, champion / MUST_CATCH)
+    write_manifest(champion, read_manifest(champion, verify=False))
+    spec = JobSpec(run_id="r1", work_dir=tmp_path, name="sms", champion=champion, base_data=tmp_path / "x.csv")
+    config = full_config(spec, Dataset(["a", "b"], ["ham", "spam"]), Dataset(["c"], ["ham"]))
+    for key, file in (("labels", "labels.yaml"), ("rules", "rules.yaml"), ("slices", "slices.yaml")):
+        path = getattr(config, key)
+        assert path is not None and path.read_text() == (configs / file).read_text(), key
+    assert config.conformal is not None and "target: 0.03" in config.conformal.read_text()  # the fixture's own
+    assert config.must_catch is not None and load_cases(config.must_catch).texts == load_cases(SHIPPED).texts
+    labels = LabelConfig.load(configs / "labels.yaml")
+    assert config.lfs is not None
+    kept, shipped = load_lf_file(config.lfs, labels), load_lf_file(configs / "lfs.yaml", labels)
+    assert kept == shipped and len(kept.lfs) >= 5
+    told = tmp_path / "lfs.yaml"
+    told.write_text(yaml.safe_dump(LFFile(lfs=shipped.lfs[:1]).model_dump(mode="json")))
+    spec_told = JobSpec(**{**spec.model_dump(), "configs": {"lfs": told, "rules": None}})
+    assert full_config(spec_told, Dataset(["a"], ["ham"]), Dataset(["c"], ["ham"])).lfs == told
