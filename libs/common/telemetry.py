@@ -59,6 +59,12 @@ HTTP_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 TRAINING_RUNS = Counter("flockwatch_training_runs_total", "Training runs finished", ["status"])
+SHADOW_TEXTS = Counter(  # agree, disagree, abstain (either side)
+    "flockwatch_trainer_shadow_texts_total", "Live texts a challenger decided in shadow", ["outcome"]
+)
+ROLLOUT_EVENTS = Counter(  # shadow, promoted, rejected_in_shadow, kept, rolled_back
+    "flockwatch_trainer_rollout_total", "Safe-rollout steps: shadow, promotion, live watch, rollback", ["event"]
+)
 DRIFT_MARTINGALE = Gauge("flockwatch_drift_martingale", "The drift monitor's test martingale (alarm at 1/delta)")
 DRIFT_ALARMS = Counter("flockwatch_drift_alarms_total", "Drift alarms raised", ["action"])
 AUTH_REFUSED = Counter("flockwatch_http_auth_refused_total", "Requests refused by token checks", ["status"])

@@ -246,3 +246,46 @@ class FeedbackStore:
     async def count_feedback_since(self, seq: int) -> int:
         """Corrections (labels) stored after `seq`."""
         return int(await self.pool.fetchval("SELECT count(*) FROM feedback WHERE seq > $1 AND label IS NOT NULL", seq))
+
+    # --- live traffic, for the trainer's safe rollout (services/trainer/rollout.py) --------------------------
+
+    async def live_decisions(
+        self, since: datetime, arbiter_version: str, exclude: Sequence[str], limit: int
+    ) -> list[asyncpg.Record]:
+        """Texts decided by `arbiter_version` since `since` (oldest first, `exclude`d ids left out): text_id, the
+        scrubbed text, and the served answer (NULL when it abstained)."""
+        return list(
+            await self.pool.fetch(
+                """SELECT d.text_id, t.text, CASE WHEN d.abstain THEN NULL ELSE d.prediction END AS answer
+                   FROM decisions d JOIN texts t USING (text_id)
+                   WHERE d.decided_at >= $1 AND d.arbiter_version = $2 AND NOT (d.text_id = ANY($3::text[]))
+                   ORDER BY d.decided_at, d.text_id LIMIT $4""",
+                since,
+                arbiter_version,
+                list(exclude),
+                limit,
+            )
+        )
+
+    async def latest_labels(self, text_ids: Sequence[str]) -> dict[str, str]:
+        """The newest unflagged correction (label) of each text that has one."""
+        rows = await self.pool.fetch(
+            """SELECT DISTINCT ON (text_id) text_id, label FROM feedback
+               WHERE text_id = ANY($1::text[]) AND label IS NOT NULL AND NOT flagged ORDER BY text_id, seq DESC""",
+            list(text_ids),
+        )
+        return {r["text_id"]: r["label"] for r in rows}
+
+    async def corrected_answers(self, arbiter_version: str) -> tuple[int, int]:
+        """Texts `arbiter_version` answered that have a correction (newest unflagged label), and how many of
+        those answers the correction contradicts."""
+        row = await self.pool.fetchrow(
+            """WITH latest AS (
+                   SELECT DISTINCT ON (text_id) text_id, label FROM feedback
+                   WHERE label IS NOT NULL AND NOT flagged ORDER BY text_id, seq DESC)
+               SELECT count(*) AS n, count(*) FILTER (WHERE d.prediction <> l.label) AS wrong
+               FROM decisions d JOIN latest l USING (text_id)
+               WHERE d.arbiter_version = $1 AND NOT d.abstain""",
+            arbiter_version,
+        )
+        return int(row["n"]), int(row["wrong"])

@@ -30,6 +30,7 @@ from flockwatch.trainer import registry
 from flockwatch.trainer.gate import summary_line
 from flockwatch.trainer.job import JobSpec
 from flockwatch.trainer.monitor import DriftWatch
+from flockwatch.trainer.rollout import Rollout
 from flockwatch.trainer.runner import JobFailed, JobProcess
 from flockwatch.trainer.settings import TrainerSettings
 from flockwatch.trainer.store import FINAL, QueueFull, TrainerStore
@@ -63,6 +64,7 @@ class TrainerService(Service):
         self._server: EmbeddedServer | None = None
         self.http_port: int | None = None
         self.triggers = Triggers(self)
+        self.rollout = Rollout(self)
         bus.subscribe(topics.FEEDBACK_SUBMITTED, FeedbackSubmitted, group=self.name)(self.triggers.on_feedback)
         bus.subscribe(topics.DECISION_MADE, Decision, group=self.name)(self.drift.on_decisions)
         bus.subscribe(topics.MODEL_PUBLISHED, ModelPublished, group=self.name, broadcast=True)(self.drift.on_model)
@@ -102,6 +104,7 @@ class TrainerService(Service):
         self._tasks = [
             asyncio.create_task(self._worker(), name="trainer-worker"),
             asyncio.create_task(self.triggers.loop(), name="trainer-triggers"),
+            asyncio.create_task(self.rollout.loop(), name="trainer-rollout"),
         ]
         if s.trainer_serve_http:
             from flockwatch.trainer.api import create_app
@@ -177,7 +180,7 @@ class TrainerService(Service):
             self._cancelled.add(run_id)
             if self._job is not None:
                 await self._job.terminate(self.settings.trainer_cancel_grace_s)
-            await self._finish(run_id, "cancelled", progress="cancelled while running; its process was terminated")
+            await self.finish(run_id, "cancelled", progress="cancelled while running; its process was terminated")
         return await self.run(run_id)
 
     def classes(self) -> list[str] | None:
@@ -250,11 +253,11 @@ class TrainerService(Service):
             result = await self._job.run()
         except JobFailed as exc:
             if run_id not in self._cancelled:
-                await self._finish(run_id, "failed", error=str(exc)[:4000])
+                await self.finish(run_id, "failed", error=str(exc)[:4000])
             return
         except Exception as exc:  # noqa: BLE001 - record why; the worker goes on with the next run
             log.exception("trainer: run %s failed", run_id)
-            await self._finish(run_id, "failed", error=f"{type(exc).__name__}: {exc}"[:4000])
+            await self.finish(run_id, "failed", error=f"{type(exc).__name__}: {exc}"[:4000])
             return
         finally:
             self._current, self._job = None, None
@@ -263,25 +266,37 @@ class TrainerService(Service):
         await self._conclude(run_id, result, time.perf_counter() - started)
 
     async def _conclude(self, run_id: str, result: dict[str, Any], seconds: float) -> None:
-        """Record the gate's decision; publish the candidate if it passed."""
+        """Record the gate's decision; if it passed, publish the candidate or hold it in shadow first."""
         gate, durations = result["gate"], {**result["durations"], "total_s": seconds}
         common = {"gate": gate, "metrics": result["metrics"], "data": result["data"], "durations": durations}
         await self.store.update(run_id, status="gated", candidate_version=result["version"], **common)
         if not gate["passed"]:
-            await self._finish(run_id, "rejected", progress=summary_line(gate))
+            await self.finish(run_id, "rejected", progress=summary_line(gate))
             return
         candidate = Path(result["candidate"])
+        if self.settings.trainer_shadow_texts > 0:
+            await self.rollout.enter_shadow(run_id, candidate, self.champion(), summary_line(gate))
+            return
+        await self.promote(run_id, candidate, {}, summary_line(gate))
+
+    async def promote(self, run_id: str, candidate: Path, rollout: dict[str, Any], progress: str) -> None:
+        """Publish a run's candidate: under the model root, `current` re-pointed, announced; watched if asked."""
+        previous = self.champion()
         target = await asyncio.to_thread(registry.promote, self.settings.models_root, candidate, run_id=run_id)
         await self.bus.publish([registry.announcement(target, self.settings.bundle_key)])
         shutil.rmtree(candidate.parent.parent, ignore_errors=True)  # the run's work directory
-        await self._finish(run_id, "published", published_version=target.name, progress=summary_line(gate))
+        watch = self.rollout.watching(previous.name if previous else None)
+        rollout = {**rollout, "watch": watch} if watch else rollout
+        fields = {"published_version": target.name, "progress": progress, "rollout": rollout or None}
+        await self.finish(run_id, "published", **fields)
 
     async def _progress(self, run_id: str, message: str) -> None:
         log.info("trainer: run %s: %s", run_id, message)
         if run_id not in self._cancelled:
             await self.store.update(run_id, progress=message[:1000])
 
-    async def _finish(self, run_id: str, status: str, **fields: Any) -> None:
+    async def finish(self, run_id: str, status: str, **fields: Any) -> None:
+        """Record a run's final status."""
         assert status in FINAL
         await self.store.update(run_id, status=status, finished_at=datetime.now(UTC), **fields)
         telemetry.TRAINING_RUNS.labels(status).inc()

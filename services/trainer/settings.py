@@ -63,6 +63,24 @@ class TrainerSettings(CommonSettings):
     trainer_drift_action: bool = Field(
         True, description="A drift alarm queues a calibration-only run (then a full one)."
     )
+    # safe rollout (rollout.py)
+    trainer_shadow_texts: int = Field(
+        0, ge=0, description="A gated challenger first decides this many live texts in shadow (0: publish at once)."
+    )
+    trainer_shadow_max_s: float = Field(3600.0, gt=0, description="…or for at most this long, then it is judged.")
+    trainer_shadow_min_agreement: float = Field(
+        0.5, ge=0, le=1, description="Reject below this live agreement with the champion, unless corrections back it."
+    )
+    trainer_shadow_coverage_margin: float = Field(
+        0.05, ge=0, le=1, description="Reject when its live answered share trails the champion's by more."
+    )
+    trainer_watch_corrections: int = Field(
+        0, ge=0, description="After a publish, judge the version on this many corrected answers (0: no watch)."
+    )
+    trainer_watch_margin: float = Field(
+        0.05, ge=0, le=1, description="Roll back when its error on them exceeds its predecessor's by more …"
+    )
+    trainer_watch_alpha: float = Field(0.05, gt=0, lt=1, description="… and the excess is significant at this level.")
     trainer_max_queued: int = Field(
         5, ge=1, le=1000, description="Refuse (HTTP 429) to queue a run while this many runs are queued."
     )

@@ -11,9 +11,9 @@ FINAL = ("published", "rejected", "failed", "cancelled")
 INTERRUPTED = "interrupted: the trainer stopped"
 COLUMNS = (
     "run_id, kind, trigger, reason, status, progress, requested_at, started_at, finished_at, champion_version, "
-    "candidate_version, published_version, feedback_watermark, data, gate, metrics, durations, error"
+    "candidate_version, published_version, feedback_watermark, data, gate, metrics, durations, error, rollout"
 )
-JSON_FIELDS = {"data", "gate", "metrics", "durations"}
+JSON_FIELDS = {"data", "gate", "metrics", "durations", "rollout"}
 UPDATABLE = set(COLUMNS.split(", ")) - {"run_id", "kind", "trigger", "reason", "requested_at"}
 
 
@@ -143,17 +143,18 @@ class TrainerStore:
     async def active(self, kind: str | None = None) -> list[dict[str, Any]]:
         """Queued and running runs (of one kind)."""
         records = await self.pool.fetch(
-            f"SELECT {COLUMNS} FROM training_runs WHERE status NOT IN {FINAL} AND ($1::text IS NULL OR kind = $1) "
+            f"SELECT {COLUMNS} FROM training_runs WHERE status IN ('queued', 'running', 'gated') "
+            "AND ($1::text IS NULL OR kind = $1) "
             "ORDER BY seq",
             kind,
         )
         return [r for r in map(_row, records) if r is not None]
 
     async def watermark(self) -> int:
-        """The newest feedback seq a *completed* run (published or rejected) has taken in (0: none yet):
-        corrections after it are new. A failed, cancelled or interrupted run consumed nothing."""
+        """The newest feedback seq a *completed* run (published, rejected, or gated and in shadow) has taken in
+        (0: none yet): corrections after it are new. A failed, cancelled or interrupted run consumed nothing."""
         value = await self.pool.fetchval(
-            "SELECT max(feedback_watermark) FROM training_runs WHERE status IN ('published', 'rejected')"
+            "SELECT max(feedback_watermark) FROM training_runs WHERE status IN ('published', 'rejected', 'shadow')"
         )
         return int(value or 0)
 
@@ -185,3 +186,39 @@ class TrainerStore:
         """The newest drift alarms first."""
         records = await self.pool.fetch("SELECT * FROM drift_events ORDER BY event_id DESC LIMIT $1", limit)
         return [{**dict(r), "at": r["at"].isoformat()} for r in records]
+
+    # --- rollout: shadow decisions and the runs that wait on them ----------------------------------------------
+
+    async def with_status(self, status: str) -> list[dict[str, Any]]:
+        """Runs in one status, oldest first."""
+        records = await self.pool.fetch(f"SELECT {COLUMNS} FROM training_runs WHERE status = $1 ORDER BY seq", status)
+        return [r for r in map(_row, records) if r is not None]
+
+    async def last_published(self) -> dict[str, Any] | None:
+        """The newest published run."""
+        return _row(
+            await self.pool.fetchrow(
+                f"SELECT {COLUMNS} FROM training_runs WHERE status = 'published' ORDER BY seq DESC LIMIT 1"
+            )
+        )
+
+    async def shadow_seen(self, run_id: str) -> list[str]:
+        """The texts a run in shadow has decided already."""
+        return [r[0] for r in await self.pool.fetch("SELECT text_id FROM shadow_decisions WHERE run_id = $1", run_id)]
+
+    async def add_shadow(self, run_id: str, rows: list[tuple[str, str, str | None, str | None, float]]) -> None:
+        """Record shadow decisions: (text_id, champion version, champion's answer, challenger's, its confidence)."""
+        await self.pool.executemany(
+            "INSERT INTO shadow_decisions (run_id, text_id, champion_version, champion_prediction, "
+            "challenger_prediction, challenger_confidence) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+            [(run_id, *row) for row in rows],
+        )
+
+    async def shadow_decisions(self, run_id: str) -> list[dict[str, Any]]:
+        """A run's shadow decisions, in the order they were scored."""
+        records = await self.pool.fetch(
+            "SELECT text_id, champion_version, champion_prediction, challenger_prediction, challenger_confidence "
+            "FROM shadow_decisions WHERE run_id = $1 ORDER BY scored_at, text_id",
+            run_id,
+        )
+        return [dict(r) for r in records]

@@ -259,8 +259,13 @@ async def test_trainer_migrations_are_idempotent_and_reversible() -> None:
         conn = await asyncpg.connect(DSN)
         try:
             sql = "SELECT table_name FROM information_schema.tables WHERE table_schema = $1"
-            assert {r[0] for r in await conn.fetch(sql, schema)} == {"training_runs", "drift_events", "alembic_version"}
-            assert await conn.fetchval(f'SELECT version_num FROM "{schema}".alembic_version') == "t0001"
+            assert {r[0] for r in await conn.fetch(sql, schema)} == {
+                "training_runs",
+                "drift_events",
+                "shadow_decisions",
+                "alembic_version",
+            }
+            assert await conn.fetchval(f'SELECT version_num FROM "{schema}".alembic_version') == "t0002"
             await asyncio.to_thread(migrate.downgrade, DSN, schema)
             assert {r[0] for r in await conn.fetch(sql, schema)} == {"alembic_version"}
         finally:
@@ -300,3 +305,61 @@ async def test_a_run_killed_mid_way_consumed_no_correction_and_is_queued_again(w
                 await restarted.cancel(run["run_id"])
         finally:
             await restarted.stop()
+
+
+async def test_shadow_then_promotion_then_a_live_regression_rolls_back(world: World, root: Path) -> None:
+    """A challenger that passed the gate decides live texts in shadow (the champion keeps serving), is promoted
+    once it has seen enough, and is rolled back when the corrections of its live answers say it does worse."""
+    v1 = registry.current_version(root)
+    shadow_n, watch_n = 40, 30
+    overrides = {"trainer_shadow_texts": shadow_n, "trainer_watch_corrections": watch_n, "trainer_drift_action": False}
+    async with running_stack(world, root, BUS, **overrides) as stack:
+        await _predict(stack.gateway, world.campaign, "a")
+        await _label(stack.feedback, "a", len(world.campaign), "rev-1")
+
+        async def in_shadow() -> dict[str, Any] | None:
+            runs = (await stack.trainer.get("/training")).json()
+            return runs[0] if runs and runs[0]["status"] == "shadow" else None
+
+        held = await wait_until(in_shadow, 180, "the gated challenger to go into shadow")
+        assert held["gate"]["passed"] and registry.current_version(root) == v1  # not served yet
+        live = await _predict(stack.gateway, world.campaign[: shadow_n + 10], "s")
+        assert {d["arbiter_version"] for d in live} == {f"arbiter-{v1}"}  # the champion served them
+        promoted = await _finished_run(stack.trainer, 0)
+        assert promoted["status"] == "published", str(promoted)[:3000]
+        shadow = promoted["rollout"]["shadow"]["verdict"]
+        assert shadow["passed"] and shadow["n"] == shadow_n
+        # on the campaign the champion let spam through: the challenger disagrees, and the corrections back it
+        assert shadow["corrected"] == 0 or shadow["challenger_wrong"] <= shadow["champion_wrong"]
+        v2 = promoted["published_version"]
+        assert registry.current_version(root) == v2 and promoted["rollout"]["watch"]["previous"] == v1
+        await _reloaded(stack, v2)
+
+        # live corrections then say v2's spam answers are wrong (as after a bad release): rolled back to v1
+        answered = [d for d in await _predict(stack.gateway, world.campaign, "w") if d["prediction"] == "spam"]
+        assert len(answered) >= watch_n
+        for at in range(0, watch_n, 20):
+            replies = await asyncio.gather(
+                *(
+                    stack.feedback.post(
+                        "/feedback", json={"text_id": d["text_id"], "label": "ham", "reviewer_id": "r2"}
+                    )
+                    for d in answered[at : min(watch_n, at + 20)]
+                )
+            )
+            assert all(r.status_code == 202 for r in replies)
+
+        async def rolled_back() -> dict[str, Any] | None:
+            run = (await stack.trainer.get(f"/training/{promoted['run_id']}")).json()
+            return run if run["rollout"]["watch"]["state"] != "watching" else None
+
+        watched = await wait_until(rolled_back, 60, "the live watch to judge v2")
+        verdict = watched["rollout"]["watch"]["verdict"]
+        assert watched["rollout"]["watch"]["state"] == "rolled back", verdict
+        assert verdict["wrong"] >= watch_n and verdict["p_value"] < 0.05
+        assert registry.current_version(root) == v1
+        last = registry.history(root)[-1]
+        assert (last["action"], last["version"], last["by"]) == ("rollback", v1, "trainer") and "Fisher" in last[
+            "reason"
+        ]
+        await _reloaded(stack, v1)
