@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, NoReturn, TypeVar
 
 from asyncpg import CannotConnectNowError, PostgresConnectionError
-from flockwatch.common import telemetry, topics, tracing
+from flockwatch.common import signing, telemetry, topics, tracing
 from flockwatch.common.events import DeadLetter, Event
 from flockwatch.common.settings import CommonSettings
 from pydantic import ValidationError
@@ -153,6 +153,9 @@ class Bus(ABC):
 
     def __init__(self, settings: CommonSettings) -> None:
         self.settings = settings
+        self._key = signing.key_bytes(settings.bus_key)
+        if self._key is None:
+            signing.warn_unsigned(settings.bus_scheme)
         self.routes: list[Route[Any]] = []
         self._seen: dict[str, SeenIds] = {}
         self._lingers: dict[str, Linger] = {}
@@ -221,13 +224,21 @@ class Bus(ABC):
         if tracing.ENABLED:  # a send span per event; its context travels in the message's headers
             with tracing.sending(events, self.settings.bus_scheme) as headers:
                 await self.publish_many(
-                    [(e.TOPIC, e.model_dump_json().encode(), e.key, h) for e, h in zip(events, headers, strict=True)],
+                    [self._item(e, h) for e, h in zip(events, headers, strict=True)],
                     ack=ack,
                 )
         else:
-            await self.publish_many([(e.TOPIC, e.model_dump_json().encode(), e.key, None) for e in events], ack=ack)
+            await self.publish_many([self._item(e, None) for e in events], ack=ack)
         for topic, n in Counter(e.TOPIC for e in events).items():
             telemetry.MESSAGES_OUT.labels(topic).inc(n)
+
+    def _item(
+        self, event: Event, headers: Mapping[str, str] | None
+    ) -> tuple[str, bytes, str, Mapping[str, str] | None]:
+        payload = event.model_dump_json().encode()
+        if self._key is not None:
+            headers = signing.with_signature(self._key, event.TOPIC, payload, headers)
+        return event.TOPIC, payload, event.key, headers
 
     async def publish_many(
         self, items: Sequence[tuple[str, bytes, str, Mapping[str, str] | None]], ack: Ack | None = None
@@ -283,6 +294,11 @@ class Bus(ABC):
             if size > self.settings.max_message_bytes:  # not parsed: a huge JSON costs time and memory
                 limit = self.settings.max_message_bytes
                 dead.append(self._dead_letter(route, raw, f"message of {size} bytes exceeds the limit of {limit}"))
+                continue
+            if self._key is not None and not signing.verified(
+                self._key, route.topic, raw, headers[i] if headers else None
+            ):
+                dead.append(self._dead_letter(route, raw, "unsigned or wrongly signed message (FLOCKWATCH_BUS_KEY)"))
                 continue
             try:
                 event = (

@@ -37,6 +37,11 @@ class CommonSettings(BaseSettings):
         description="Shared key of the HMAC-SHA256 that signs model announcements (ModelPublished); set: unsigned "
         "or wrongly signed announcements are refused. Unset: any bus writer can announce a bundle (warned at start).",
     )
+    bus_key: SecretStr | None = Field(
+        None,
+        description="Shared key of the HMAC-SHA256 every bus message carries (header fw-sig); set: consumers "
+        "dead-letter unsigned or wrongly signed messages. Unset: any broker writer can inject messages (warned).",
+    )
     batch_max: int = Field(256, ge=1, le=10_000, description="Most messages a handler takes at once.")
     batch_wait_ms: int = Field(
         5,

@@ -46,6 +46,7 @@ def env(redis_server: RedisServer, sms_bundle: Path) -> dict[str, str]:
         "FLOCKWATCH_ARBITER_VOTER_SILENCE_MS": "600000",  # and a voter that is down is still waited for
         "FLOCKWATCH_ARBITER_LEASE_MS": "3000",  # a claim of a killed arbiter is taken over after 3 s
         "FLOCKWATCH_REDIS_CLAIM_IDLE_MS": "1000",  # entries a killed consumer held are claimed after 1 s
+        "FLOCKWATCH_BUS_KEY": "signed messages must survive kills and claims too",
     }
 
 

@@ -38,6 +38,7 @@ def kafka_env(sms_bundle: Path, fresh_tansu: TansuBroker) -> Iterator[dict[str, 
         # services are killed mid-run, so decisions come late by design: the gateway must not shed the load
         # (tests/e2e/test_admission.py tests shedding)
         "FLOCKWATCH_GATEWAY_SHED_AFTER_MS": "0",
+        "FLOCKWATCH_BUS_KEY": "every message signed, every one checked",
     }
     client.flushdb()
 

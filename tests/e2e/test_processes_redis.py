@@ -32,6 +32,7 @@ def redis_env(sms_bundle: Path) -> Iterator[dict[str, str]]:
         # services are killed mid-run, so decisions come late by design: the gateway must not shed the load
         # (tests/e2e/test_admission.py tests shedding)
         "FLOCKWATCH_GATEWAY_SHED_AFTER_MS": "0",
+        "FLOCKWATCH_BUS_KEY": "every message signed, every one checked",  # tests/security/test_bus_signing.py
     }
     client.flushdb()
 

@@ -36,3 +36,10 @@ def test_compose_redis_requires_a_password_that_every_service_uses_and_keeps_its
     for service in ours:
         url = urlsplit(service["environment"]["FLOCKWATCH_STATE_URL"].split()[0])
         assert url.hostname == "redis" and url.password == "${FLOCKWATCH_REDIS_PASSWORD}"
+
+
+def test_every_flockwatch_service_in_compose_signs_and_checks_bus_messages_with_one_required_key() -> None:
+    services: dict[str, dict[str, Any]] = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))["services"]
+    ours = {name: s for name, s in services.items() if "FLOCKWATCH_BUS_URL" in (s.get("environment") or {})}
+    keys = {s["environment"].get("FLOCKWATCH_BUS_KEY") for s in ours.values()}
+    assert len(keys) == 1 and next(iter(keys)).startswith("${FLOCKWATCH_BUS_KEY:?")  # everyone, no default key
