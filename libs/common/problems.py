@@ -1,20 +1,121 @@
-"""Refusals the HTTP APIs share: every 4xx is `{"detail": "<what was wrong>"}`, one string, and is documented."""
+"""Refusals the HTTP APIs share: every error is an RFC 9457 problem (`application/problem+json`) —
+`{"type": "about:blank", "title": "Not Found", "status": 404, "detail": "<what was wrong>"}` — and is documented.
+
+`detail` says, in one string, what was wrong (the field and the reason, or the limit that was hit); `title` is
+the status's phrase; `type` is `about:blank` (no error has a page of its own). One module answers them all:
+the route's own `HTTPException`s, the auth and rate-limit refusals, invalid and unreadable bodies, and the
+raw ASGI refusals (body too large, load shed) through `problem_body`; `use_problem_json` also makes the OpenAPI
+document say so for every error response.
+"""
 
 from __future__ import annotations
 
+import json
+from http import HTTPStatus
+from typing import Any
+
 from fastapi import FastAPI, Request
-from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+PROBLEM_JSON = "application/problem+json"
+
 
 class Problem(BaseModel):
-    """An error: what was wrong, in words."""
+    """An error (RFC 9457): what was wrong, in words."""
 
-    detail: str = Field(description="What was wrong: the field and the reason, or the limit that was hit.")
+    type: str = Field("about:blank", description="A URI naming the kind of problem; about:blank: see the status.")
+    title: str = Field(description="The HTTP status's phrase.", examples=["Unprocessable Content"])
+    status: int = Field(description="The HTTP status code.", examples=[422])
+    detail: str = Field(
+        description="What was wrong: the field and the reason, or the limit that was hit.",
+        examples=["text: String should have at least 1 character"],
+    )
+
+
+def _title(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def problem(status: int, detail: str) -> dict[str, Any]:
+    """The problem document of a refusal."""
+    return {"type": "about:blank", "title": _title(status), "status": status, "detail": detail}
+
+
+def problem_body(status: int, detail: str) -> bytes:
+    """The problem document as the bytes of a raw ASGI response (its content type: PROBLEM_JSON)."""
+    return json.dumps(problem(status, detail)).encode()
+
+
+def problem_response(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """A refusal as an `application/problem+json` response."""
+    return JSONResponse(problem(status, detail), status_code=status, headers=headers, media_type=PROBLEM_JSON)
+
+
+def validation_detail(exc: RequestValidationError) -> str:
+    """The fields of an invalid request and what is wrong with each, in one string (never the input itself:
+    an input JSON cannot encode, a lone surrogate, would turn the 422 into a 500)."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc'] if p != 'body') or 'body'}: {err['msg']}" for err in exc.errors()
+    )
+
+
+def use_problem_json(app: FastAPI) -> None:
+    """Answer every refusal of `app` as a problem, and document every error response as `application/problem+json`
+    with the `Problem` schema (an invalid request is a 422 problem saying what is wrong; a body that is not UTF-8
+    too, instead of FastAPI's undocumented 400; a 405 lists in `Allow` every method the path serves)."""
+
+    async def refusal(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        cause = exc.__cause__
+        if exc.status_code == 400 and isinstance(cause, UnicodeDecodeError):
+            detail = f"body: not UTF-8 text (byte {cause.start} is {cause.object[cause.start]:#04x}); send UTF-8 JSON"
+            return problem_response(422, detail)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = _allowed(app, request)
+        return problem_response(exc.status_code, str(exc.detail), headers or None)
+
+    async def invalid_request(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        return problem_response(422, validation_detail(exc))
+
+    app.add_exception_handler(StarletteHTTPException, refusal)
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            _as_problems(build())
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _as_problems(schema: dict[str, Any]) -> None:
+    """Every non-2xx response of the document: `application/problem+json`, the `Problem` schema."""
+    ref = {"$ref": "#/components/schemas/Problem"}
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            for code, response in operation.get("responses", {}).items():
+                if not str(code).startswith(("4", "5")):
+                    continue
+                response["content"] = {PROBLEM_JSON: {"schema": ref}}
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components["Problem"] = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+    for unused in ("HTTPValidationError", "ValidationError"):
+        if not _referenced(schema, f"#/components/schemas/{unused}"):
+            components.pop(unused, None)
+
+
+def _referenced(schema: dict[str, Any], ref: str) -> bool:
+    return ref in json.dumps(schema.get("paths", {}))
 
 
 # The app's own validation handler answers 422 with a `Problem`; FastAPI would document its list-shaped default.
@@ -31,38 +132,3 @@ def _allowed(app: FastAPI, request: Request) -> str:
         if match is not Match.NONE:
             methods |= getattr(route, "methods", None) or set()
     return ", ".join(sorted(methods))
-
-
-def explain_unreadable_bodies(app: FastAPI) -> None:
-    """Answer a body FastAPI cannot even decode (not UTF-8) like any other invalid body: 422 saying why; and
-    list in a 405's `Allow` every method the path serves.
-
-    FastAPI's own answer is an undocumented 400 "There was an error parsing the body"; Starlette's 405 lists
-    the methods of only the first route at the path (`GET /training` hides `POST /training`)."""
-
-    async def unreadable_body(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, StarletteHTTPException)
-        cause = exc.__cause__
-        if exc.status_code == 400 and isinstance(cause, UnicodeDecodeError):
-            detail = f"body: not UTF-8 text (byte {cause.start} is {cause.object[cause.start]:#04x}); send UTF-8 JSON"
-            return JSONResponse({"detail": detail}, status_code=422)
-        if exc.status_code == 405:
-            exc.headers = {**(exc.headers or {}), "Allow": _allowed(app, request)}
-        return await http_exception_handler(request, exc)
-
-    app.add_exception_handler(StarletteHTTPException, unreadable_body)
-
-
-def explain_invalid_requests(app: FastAPI) -> None:
-    """Answer a request that fails validation with a 422 `Problem`: the fields and what is wrong with each, in
-    one string. FastAPI's own answer echoes the input back, so an input JSON cannot encode (a lone surrogate)
-    turned the 422 into a 500."""
-
-    async def invalid_request(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, RequestValidationError)
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'] if p != 'body') or 'body'}: {err['msg']}" for err in exc.errors()
-        )
-        return JSONResponse({"detail": problems}, status_code=422)
-
-    app.add_exception_handler(RequestValidationError, invalid_request)

@@ -8,12 +8,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse
 from flockwatch.common.auth import harden, require
 from flockwatch.common.events import FeedbackSubmitted
 from flockwatch.common.metrics_http import HttpTelemetry, metrics_response
-from flockwatch.common.problems import INVALID, Problem, explain_unreadable_bodies
+from flockwatch.common.problems import INVALID, Problem, use_problem_json
 from flockwatch.common.validtext import ValidStr
 from flockwatch.feedback import telemetry
 from flockwatch.feedback.app import FeedbackService, UnknownLabel, feedback_kind
@@ -129,7 +128,7 @@ def create_app(service: FeedbackService) -> FastAPI:
         413: {"model": Problem, "description": "The body is larger than FLOCKWATCH_FEEDBACK_MAX_BODY_BYTES"}
     }
     app = FastAPI(title="Flockwatch feedback", version="0.1.0", responses={**INVALID, **too_large})
-    explain_unreadable_bodies(app)
+    use_problem_json(app)
     app.state.service = service
     harden(app, service.settings, service.settings.feedback_max_body_bytes)
     _document_labels(app, service)
@@ -137,13 +136,6 @@ def create_app(service: FeedbackService) -> FastAPI:
     # scopes: posting feedback (and reading the labels it may use) → feedback; what reviewers read → review
     # (which includes feedback); running the label check → admin. /review (the page), /health, /metrics: open
     feedback, review, admin = ([Depends(require(scope))] for scope in ("feedback", "review", "admin"))
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'] if p != 'body') or 'body'}: {err['msg']}" for err in exc.errors()
-        )
-        return JSONResponse({"detail": problems}, status_code=422)
 
     refused: dict[int | str, dict[str, Any]] = {
         409: {"model": Problem, "description": "This feedback id was already used for different feedback"},

@@ -9,7 +9,6 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Annotated, NamedTuple
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.telemetry import TelemetryConfig
 from flockwatch.common import heap, telemetry, topics, tracing
@@ -18,7 +17,7 @@ from flockwatch.common.bus import Bus, BusUnavailable, create_bus
 from flockwatch.common.certification import bundle_certification
 from flockwatch.common.events import Decision, ModelPublished, TextSubmitted
 from flockwatch.common.metrics_http import HttpTelemetry
-from flockwatch.common.problems import explain_unreadable_bodies
+from flockwatch.common.problems import problem_response, use_problem_json
 from flockwatch.common.service import Service
 from flockwatch.common.tokens import TokenEntry
 from flockwatch.gateway.archive import DecisionArchive
@@ -237,22 +236,15 @@ def create_app(
     app = FastAPI(
         title="Flockwatch gateway", version="0.1.0", lifespan=lifespan, responses=ERRORS, telemetry=native_telemetry_off
     )
-    explain_unreadable_bodies(app)
+    use_problem_json(app)
     guard = harden(app, settings, settings.gateway_max_body_bytes)
     app.add_middleware(ShedLoad, overloaded=gateway.overloaded)  # before auth, body limits, routing
     app.add_middleware(HttpTelemetry, name="gateway")  # outermost: refused requests (401, 413, 429) count too
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'] if p != 'body') or 'body'}: {err['msg']}" for err in exc.errors()
-        )
-        return JSONResponse({"detail": problems}, status_code=422)
-
     @app.exception_handler(BusUnavailable)
     async def bus_unavailable(_: Request, exc: BusUnavailable) -> JSONResponse:
         # the broker stayed unreachable through the publish retries: nothing was accepted, the client may retry
-        return JSONResponse({"detail": f"message bus unavailable; retry shortly ({exc})"}, 503, {"Retry-After": "2"})
+        return problem_response(503, f"message bus unavailable; retry shortly ({exc})", {"Retry-After": "2"})
 
     @app.post("/predict", response_model=PredictResponse, responses={504: {"model": Problem}})
     async def predict(body: PredictRequest, gw: GatewayDep, caller: Caller) -> Response:

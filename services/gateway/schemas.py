@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from flockwatch.common import problems
 from flockwatch.common.events import Decision
 from flockwatch.common.validtext import NO_NUL, NONSPACE_NO_NUL, ValidStrictStr
 from pydantic import BaseModel, ConfigDict, Field
@@ -115,7 +116,4 @@ class PredictBatchResponse(BaseModel):
     pending: list[Accepted] = Field(default_factory=list, description="Poll each one's status URL.")
 
 
-class Problem(BaseModel):
-    """An error: what was wrong, in words."""
-
-    detail: str
+Problem = problems.Problem  # every error of every API: RFC 9457 (libs/common/problems.py)

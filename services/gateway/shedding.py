@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
 from flockwatch.common import telemetry
+from flockwatch.common.problems import PROBLEM_JSON, problem_body
 
 Scope = dict[str, Any]
 TEXT_PATHS = frozenset({"/predict", "/predict/batch", "/texts"})
@@ -33,9 +33,9 @@ class ShedLoad:
 
 
 async def _refuse(send: Any, why: str) -> None:
-    body = json.dumps({"detail": f"{why}; retry after the Retry-After seconds"}).encode()
+    body = problem_body(503, f"{why}; retry after the Retry-After seconds")
     headers = [
-        (b"content-type", b"application/json"),
+        (b"content-type", PROBLEM_JSON.encode()),
         (b"content-length", str(len(body)).encode()),
         (b"retry-after", b"1"),
         (b"connection", b"keep-alive"),

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from flockwatch.common.auth import harden, require
 from flockwatch.common.metrics_http import HttpTelemetry, metrics_response
-from flockwatch.common.problems import INVALID, Problem, explain_invalid_requests, explain_unreadable_bodies
+from flockwatch.common.problems import INVALID, Problem, use_problem_json
 from flockwatch.common.validtext import ValidStr
 from flockwatch.trainer import registry
 from flockwatch.trainer.app import RunNotFound, TrainerService
@@ -46,8 +46,7 @@ async def _run_or_404(service: TrainerService, run_id: str) -> dict[str, Any]:
 def create_app(service: TrainerService) -> FastAPI:
     """The HTTP API of a started trainer service."""
     app = FastAPI(title="Flockwatch trainer", version="0.1.0", responses=INVALID)
-    explain_unreadable_bodies(app)
-    explain_invalid_requests(app)  # a 422 that says what is wrong, without echoing the input
+    use_problem_json(app)  # every refusal a problem+json; a 422 says what is wrong without echoing the input
     app.state.service = service
     harden(app, service.settings, MAX_BODY_BYTES)
     app.add_middleware(HttpTelemetry, name="trainer")  # outermost: refused requests count too
