@@ -21,7 +21,8 @@ class VoterWatch:
     lag is the same for the texts it reads. When the live voters are (by their median) further behind than the
     arbiter, deadlines wait that much longer (at most `max_extra_s`): under load the voters read a backlog the
     arbiter has already read, and their votes are on the way. One slow voter does not move the median, so the
-    deadline still decides without it.
+    deadline still decides without it — unless it is still on its way to the newest text the arbiter read
+    (below): then its votes are coming, and the deadline waits for them too (capped alike).
 
     A voter that has not yet voted on the newest text the arbiter read (by submission time) is still working
     through that backlog: its lag grows with the clock until its next vote, instead of standing at what it was
@@ -89,8 +90,21 @@ class VoterWatch:
         return live or list(voters)
 
     def extra_wait_s(self, voters: Sequence[str]) -> float:
-        """How much longer deadlines wait: the live voters' median lag beyond the arbiter's own, capped."""
-        lags = [self.lag_s(v) for v in self.live(voters) if v in self._lag]
-        if not lags:
+        """How much longer deadlines wait beyond the arbiter's own lag, capped: the live voters' median lag, or
+        the lag of a live voter still on its way to the newest text the arbiter read, whichever is longer.
+
+        A voter on its way is working through texts the arbiter has read (it voted within the silence window,
+        and its votes reach the newest text only later): its votes are coming. Within one burst a model's votes
+        can trail its siblings' (two votes per text from one service, split across the arbiter's reads), so
+        the median alone would decide the tail without it."""
+        live = [v for v in self.live(voters) if v in self._lag]
+        if not live:
             return 0.0
-        return min(self.max_extra_s, max(0.0, statistics.median(lags) - self._own_lag))
+        lags = [self.lag_s(v) for v in live]
+        coming = [lag for v, lag in zip(live, lags, strict=True) if self._on_its_way(v)]
+        wait = max(statistics.median(lags), max(coming, default=0.0))
+        return min(self.max_extra_s, max(0.0, wait - self._own_lag))
+
+    def _on_its_way(self, voter: str) -> bool:
+        reached = self._reached.get(voter)
+        return reached is not None and self._newest_seen is not None and reached < self._newest_seen

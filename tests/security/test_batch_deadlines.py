@@ -33,5 +33,6 @@ async def test_every_text_of_a_1000_text_batch_gets_every_cheap_vote(
     assert body["pending"] == [] and len(body["decisions"]) == 1000
     paths = Counter(d["path"] for d in body["decisions"])
     short = [d["text_id"] for d in body["decisions"] if set(d["voter_outputs"]) != CHEAP]
-    assert not short, f"{len(short)} of 1000 decisions lack a cheap voter's vote; paths {dict(paths)}"
+    missing = Counter(v for d in body["decisions"] for v in CHEAP - set(d["voter_outputs"]))
+    assert not short, f"{len(short)} of 1000 lack a cheap voter's vote; paths {dict(paths)}; missing {missing}"
     assert "no_votes" not in paths

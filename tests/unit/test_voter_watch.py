@@ -66,3 +66,22 @@ def test_a_voter_still_working_through_a_burst_falls_further_behind_until_it_rea
     watch.saw_votes(dict.fromkeys(VOTERS, 0.6), reached=dict.fromkeys(VOTERS, burst + 0.001))  # the tail
     wall.now += 5.0
     assert abs(watch.extra_wait_s(VOTERS) - 0.6) < 1e-9  # caught up: the lag stands at its last vote
+
+
+def test_one_voter_trailing_the_others_through_a_burst_is_waited_for_though_the_median_caught_up() -> None:
+    """Issue 19: in a 1,000-text batch the tfidf_svm votes of the tail reached the arbiter in a later read than
+    their tfidf_lr siblings; the median (three voters caught up) let the deadline decide 208 texts without them."""
+    FOUR = ["regex", "tfidf_lr", "tfidf_svm", "ws"]  # noqa: N806
+    clock, wall = Clock(), Clock()
+    watch = VoterWatch(silence_s=2.0, max_extra_s=3.0, clock=clock, wall=wall)
+    burst = wall.now
+    watch.saw_texts(0.0, newest=burst + 0.001)
+    watch.saw_votes(dict.fromkeys(FOUR, 0.1), reached=dict.fromkeys(FOUR, burst))
+    others = [v for v in FOUR if v != "tfidf_svm"]
+    watch.saw_votes(dict.fromkeys(others, 0.1), reached=dict.fromkeys(others, burst + 0.001))  # the tail, but svm
+    wall.now += 0.8
+    assert abs(watch.extra_wait_s(FOUR) - 0.8) < 1e-9  # svm is still on its way: its votes are coming
+    wall.now += 10.0
+    assert watch.extra_wait_s(FOUR) == 3.0  # capped
+    watch.saw_votes({"tfidf_svm": 0.1}, reached={"tfidf_svm": burst + 0.001})  # it arrives
+    assert abs(watch.extra_wait_s(FOUR) - 0.1) < 1e-9
