@@ -7,9 +7,9 @@ import os
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import uvicorn
+from flockwatch.client import AsyncClient, FlockwatchError
 from flockwatch.common.datasets import hold_out, read_table
 from flockwatch.common.kafka_dev import free_port
 from rich.console import Console
@@ -55,10 +55,12 @@ def run_demo(models: Path, data: Path, n: int, bus_url: str, console: Console) -
             f"[bold]Flockwatch[/bold] on {bus_url}: gateway http://127.0.0.1:{port}, services "
             f"{', '.join(s.name for s in services)}; model bundle {models}"
         )
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        async with AsyncClient(f"http://127.0.0.1:{port}", timeout=30) as client:  # flockwatch.client
             results = await asyncio.gather(*(_predict(client, t) for t in texts))
-            bad = await client.post("/predict", json={"text": "   "})
-            console.print(f"an empty text is refused: {bad.status_code} {bad.json()['detail']}")
+            try:
+                await client.predict("   ")
+            except FlockwatchError as refused:
+                console.print(f"an empty text is refused: {refused.status} {refused.detail}")
         server.should_exit = True
         await task
         return results
@@ -67,11 +69,9 @@ def run_demo(models: Path, data: Path, n: int, bus_url: str, console: Console) -
     _show(console, texts, truth, results)
 
 
-async def _predict(client: httpx.AsyncClient, text: str) -> dict[str, object]:
+async def _predict(client: AsyncClient, text: str) -> dict[str, object]:
     start = time.perf_counter()
-    response = await client.post("/predict", json={"text": text})
-    response.raise_for_status()
-    body: dict[str, object] = response.json()
+    body: dict[str, object] = (await client.predict(text)).model_dump()
     body["round_trip_ms"] = (time.perf_counter() - start) * 1000
     return body
 

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import HTMLResponse
+from fastapi_offline import FastAPIOffline
 from flockwatch.common.auth import harden, require
 from flockwatch.common.events import FeedbackSubmitted
 from flockwatch.common.metrics_http import HttpTelemetry, metrics_response
@@ -127,7 +128,7 @@ def create_app(service: FeedbackService) -> FastAPI:
     too_large: dict[int | str, dict[str, Any]] = {
         413: {"model": Problem, "description": "The body is larger than FLOCKWATCH_FEEDBACK_MAX_BODY_BYTES"}
     }
-    app = FastAPI(title="Flockwatch feedback", version="0.1.0", responses={**INVALID, **too_large})
+    app = FastAPIOffline(title="Flockwatch feedback", version="0.1.0", responses={**INVALID, **too_large})
     use_problem_json(app)
     app.state.service = service
     harden(app, service.settings, service.settings.feedback_max_body_bytes)

@@ -11,6 +11,7 @@ from typing import Annotated, NamedTuple
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.telemetry import TelemetryConfig
+from fastapi_offline import FastAPIOffline
 from flockwatch.common import heap, telemetry, topics, tracing
 from flockwatch.common.auth import harden, require
 from flockwatch.common.bus import Bus, BusUnavailable, create_bus
@@ -233,7 +234,7 @@ def create_app(
     # FastAPI's own OpenTelemetry instrumentation looks for configured providers on every request; the
     # gateway's spans come from `tracing` and its HTTP metrics from `HttpTelemetry`
     native_telemetry_off: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc with their assets served here: they work offline
         title="Flockwatch gateway", version="0.1.0", lifespan=lifespan, responses=ERRORS, telemetry=native_telemetry_off
     )
     use_problem_json(app)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi_offline import FastAPIOffline
 from flockwatch.common.auth import harden, require
 from flockwatch.common.metrics_http import HttpTelemetry, metrics_response
 from flockwatch.common.problems import INVALID, Problem, use_problem_json
@@ -45,7 +46,7 @@ async def _run_or_404(service: TrainerService, run_id: str) -> dict[str, Any]:
 
 def create_app(service: TrainerService) -> FastAPI:
     """The HTTP API of a started trainer service."""
-    app = FastAPI(title="Flockwatch trainer", version="0.1.0", responses=INVALID)
+    app = FastAPIOffline(title="Flockwatch trainer", version="0.1.0", responses=INVALID)
     use_problem_json(app)  # every refusal a problem+json; a 422 says what is wrong without echoing the input
     app.state.service = service
     harden(app, service.settings, MAX_BODY_BYTES)

@@ -178,3 +178,14 @@ async def test_a_voter_that_is_down_is_not_waited_for_once_it_has_been_silent(sm
         second = (await client.post("/predict", json={"text": "see you at 5"})).json()
     assert first["latency_ms"] >= 1500  # nobody was known to be down yet: the deadline decided
     assert second["latency_ms"] < 1000 and set(second["missing_voters"]) == {"tfidf_lr", "tfidf_svm", "ws"}
+
+
+async def test_the_api_docs_load_their_assets_from_the_service_itself(sms_bundle: Path) -> None:
+    async with stack(sms_bundle) as (client, _):
+        for page in ("/docs", "/redoc"):
+            html = (await client.get(page)).text
+            assets = [part.split('"')[0] for part in html.split('src="')[1:] + html.split('href="')[1:]]
+            assert assets and not [a for a in assets if a.startswith("http")], assets  # no CDN
+            for asset in assets:
+                if asset.endswith((".js", ".css")):
+                    assert (await client.get(asset)).status_code == 200, asset

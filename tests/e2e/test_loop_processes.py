@@ -24,6 +24,7 @@ import asyncpg
 import httpx
 import pytest
 import redis
+from flockwatch.client import AsyncClient
 from flockwatch.common.kafka_dev import free_port
 from flockwatch.trainer import registry
 
@@ -32,7 +33,7 @@ from tests.integration.trainer_support import World, copy_models, make_world, wa
 from tests.processes import FLOCKWATCH, Proc
 
 pytestmark = pytest.mark.connected
-REDIS = "redis://127.0.0.1:6379/12"  # this test's alone: flushed before and after
+REDIS = "redis://127.0.0.1:6379/6"  # this test's alone (no other test uses db 6): flushed before and after
 FINAL = ("published", "rejected", "failed", "cancelled")
 
 
@@ -104,10 +105,12 @@ async def stack(world: World, root: Path, logs: Path) -> AsyncIterator[dict[str,
         try:
             for proc in (procs["classical"], procs["arbiter"]):
                 proc.wait_ready(120)
+            urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
             async with (
-                httpx.AsyncClient(base_url=f"http://127.0.0.1:{ports['gateway']}", timeout=60) as gateway,
-                httpx.AsyncClient(base_url=f"http://127.0.0.1:{ports['feedback']}", timeout=60) as feedback,
-                httpx.AsyncClient(base_url=f"http://127.0.0.1:{ports['trainer']}", timeout=60) as trainer,
+                httpx.AsyncClient(base_url=urls["gateway"], timeout=60) as gateway,
+                httpx.AsyncClient(base_url=urls["feedback"], timeout=60) as feedback,
+                httpx.AsyncClient(base_url=urls["trainer"], timeout=60) as trainer,
+                AsyncClient(urls["gateway"], feedback_url=urls["feedback"], timeout=60) as client,
             ):
                 for http, proc in ((gateway, procs["gateway"]), (feedback, loop), (trainer, loop)):
                     await _healthy(http, proc)
@@ -115,7 +118,7 @@ async def stack(world: World, root: Path, logs: Path) -> AsyncIterator[dict[str,
                     "env": env,
                     "logs": logs,
                     "loop": [loop],
-                    "gateway": gateway,
+                    "client": client,
                     "feedback": feedback,
                     "trainer": trainer,
                     "feedback_schema": feedback_schema,
@@ -141,29 +144,21 @@ async def _healthy(client: httpx.AsyncClient, proc: Proc, timeout: float = 120) 
     raise TimeoutError(f"{proc.instance} not healthy:\n{proc.log.read_text()}")
 
 
-async def _predict(client: httpx.AsyncClient, texts: list[str], prefix: str) -> list[dict[str, Any]]:
+async def _predict(client: AsyncClient, texts: list[str], prefix: str) -> list[dict[str, Any]]:
+    """Each text's decision, through the Python client (a refusal would raise)."""
     out: list[dict[str, Any]] = []
     for at in range(0, len(texts), 20):
-        replies = await asyncio.gather(
-            *(
-                client.post("/predict", json={"text_id": f"{prefix}-{i}", "text": t})
-                for i, t in enumerate(texts[at : at + 20], start=at)
-            )
-        )
-        assert all(r.status_code == 200 for r in replies), [r.text for r in replies if r.status_code != 200][:2]
-        out += [r.json() for r in replies]
+        chunk = enumerate(texts[at : at + 20], start=at)
+        replies = await asyncio.gather(*(client.predict(t, text_id=f"{prefix}-{i}") for i, t in chunk))
+        out += [r.model_dump() for r in replies]
     return out
 
 
-async def _label(client: httpx.AsyncClient, prefix: str, n: int, label: str, reviewer: str) -> None:
+async def _label(client: AsyncClient, prefix: str, n: int, label: str, reviewer: str) -> None:
     for at in range(0, n, 20):
-        replies = await asyncio.gather(
-            *(
-                client.post("/feedback", json={"text_id": f"{prefix}-{i}", "label": label, "reviewer_id": reviewer})
-                for i in range(at, min(n, at + 20))
-            )
-        )
-        assert all(r.status_code == 202 for r in replies), [r.text for r in replies if r.status_code != 202][:2]
+        ids = [f"{prefix}-{i}" for i in range(at, min(n, at + 20))]
+        replies = await asyncio.gather(*(client.feedback(i, label=label, reviewer_id=reviewer) for i in ids))
+        assert all(r.status in ("stored", "queued") for r in replies)
 
 
 def _spam_rate(decisions: list[dict[str, Any]]) -> float:
@@ -183,7 +178,7 @@ async def _runs(client: httpx.AsyncClient) -> list[dict[str, Any]]:
     return list(reply.json())[::-1] if reply.status_code == 200 else []
 
 
-async def _serving(client: httpx.AsyncClient, version: str, probe: list[str]) -> bool:
+async def _serving(client: AsyncClient, version: str, probe: list[str]) -> bool:
     """A fresh text is decided by `version`'s arbiter and classical voter."""
     (decision,) = await _predict(client, probe[:1], f"probe-{version}-{os.urandom(4).hex()}")
     voter = decision["voter_outputs"].get("tfidf_lr", {}).get("model_version", "")
@@ -206,12 +201,12 @@ async def test_the_loop_over_processes_survives_a_kill_refuses_poison_and_rolls_
     assert v1 is not None
     campaign = world.campaign
     async with stack(world, root, tmp_path) as s:
-        gateway, feedback, trainer = s["gateway"], s["feedback"], s["trainer"]
+        gateway, feedback, trainer = s["client"], s["feedback"], s["trainer"]  # gateway, feedback: flockwatch.client
         before = await _predict(gateway, campaign, "a")
         assert {d["arbiter_version"] for d in before} == {f"arbiter-{v1}"}
 
         # reviewers correct the campaign over HTTP; the volume trigger starts a run ...
-        await _label(feedback, "a", len(campaign), "spam", "rev-1")
+        await _label(gateway, "a", len(campaign), "spam", "rev-1")
 
         async def running() -> dict[str, Any] | None:
             runs = await _runs(trainer)
@@ -248,7 +243,7 @@ async def test_the_loop_over_processes_survives_a_kill_refuses_poison_and_rolls_
 
             # a poisoner labels ordinary 'call' messages spam: it must not reach the serving model
             await _predict(gateway, world.poison, "p")
-            await _label(feedback, "p", len(world.poison), "spam", "mallory")
+            await _label(gateway, "p", len(world.poison), "spam", "mallory")
             assert await _stored_corrections(s["feedback_schema"]) == len(campaign) + len(world.poison)
             reply = await trainer.post("/training", json={"kind": "full", "reason": "after the poison batch"})
             assert reply.status_code == 202, reply.text
