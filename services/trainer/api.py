@@ -28,6 +28,43 @@ class RetrainRequest(BaseModel):
     reason: ValidStr | None = Field(None, max_length=500, description="Valid Unicode without NUL.")
 
 
+Status = Literal["queued", "running", "gated", "shadow", "published", "rejected", "failed", "cancelled"]
+
+
+class TrainingRun(BaseModel):
+    """A training run: where it is, what it learned from, what the gate and the rollout decided."""
+
+    model_config = ConfigDict(extra="allow")
+
+    run_id: str
+    kind: Literal["full", "recalibrate"]
+    trigger: str = Field(description="command, corrections, schedule or drift")
+    reason: str | None
+    status: Status
+    progress: str | None = Field(description="The newest progress line, or why it ended as it did.")
+    requested_at: str | None
+    started_at: str | None
+    finished_at: str | None
+    champion_version: str | None = Field(description="The version in force when the run was queued.")
+    candidate_version: str | None
+    published_version: str | None
+    feedback_watermark: int | None = Field(description="The newest feedback seq its data reflects.")
+    data: dict[str, Any] | None = Field(description="Base rows, corrections, relabelled, added, held out.")
+    gate: dict[str, Any] | None = Field(description="Every check of the gate with its numbers, and the decision.")
+    metrics: dict[str, Any] | None
+    durations: dict[str, Any] | None
+    error: str | None
+    rollout: dict[str, Any] | None = Field(description="Shadow verdict, live watch, rollback (rollout.py).")
+
+
+class TrainerHealth(BaseModel):
+    """Liveness, the database, and the champion."""
+
+    status: Literal["ok"]
+    database: str = Field(description="ok, or the error reaching Postgres.")
+    champion: str | None = Field(description="The version `current` points at.")
+
+
 def get_service(request: Request) -> TrainerService:
     """The service behind the app."""
     service: TrainerService = request.app.state.service
@@ -57,6 +94,7 @@ def create_app(service: TrainerService) -> FastAPI:
         "/training",
         status_code=202,
         dependencies=admin,
+        response_model=TrainingRun,
         responses={429: {"model": Problem, "description": "As many runs as allowed are queued already"}},
     )
     async def post_training(body: RetrainRequest, svc: ServiceDep) -> dict[str, Any]:
@@ -66,19 +104,21 @@ def create_app(service: TrainerService) -> FastAPI:
         except QueueFull as exc:
             raise HTTPException(429, str(exc), headers={"Retry-After": "60"}) from exc
 
-    @app.get("/training", dependencies=admin)
+    @app.get("/training", dependencies=admin, response_model=list[TrainingRun])
     async def list_training(svc: ServiceDep, limit: Annotated[int, Query(ge=1, le=500)] = 20) -> list[dict[str, Any]]:
         """The newest runs first."""
         return await svc.store.runs(limit)
 
-    @app.get("/training/{run_id}", dependencies=admin, responses=NO_RUN)
+    @app.get("/training/{run_id}", dependencies=admin, response_model=TrainingRun, responses=NO_RUN)
     async def get_training(run_id: ValidStr, svc: ServiceDep) -> dict[str, Any]:
-        """A run: status (queued, running, gated, published, rejected, failed, cancelled), progress, gate."""
+        """A run: status (queued, running, gated, shadow, published, rejected, failed, cancelled), progress, gate,
+        rollout."""
         return await _run_or_404(svc, run_id)
 
     @app.post(
         "/training/{run_id}/cancel",
         dependencies=admin,
+        response_model=TrainingRun,
         responses={**NO_RUN, 409: {"model": Problem, "description": "The run has already finished"}},
     )
     async def cancel_training(run_id: ValidStr, svc: ServiceDep) -> dict[str, Any]:
@@ -106,7 +146,7 @@ def create_app(service: TrainerService) -> FastAPI:
     async def metrics() -> Response:
         return metrics_response()
 
-    @app.get("/health")
+    @app.get("/health", response_model=TrainerHealth)
     async def health(svc: ServiceDep) -> dict[str, Any]:
         """Liveness, the database, and the champion."""
         try:
