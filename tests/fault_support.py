@@ -19,7 +19,7 @@ from flockwatch.common.bus import create_bus
 from flockwatch.common.events import Decision, Event
 from flockwatch.common.kafka_dev import free_port
 
-from tests.processes import Proc, settings_of
+from tests.processes import Proc, settings_of, until_healthy
 
 REDIS_SERVER = "/usr/bin/redis-server"
 # the work groups of the cheap path, and the streams they read (what must end with nothing pending)
@@ -100,7 +100,7 @@ class Pipeline:
                 if instance != "gateway-1":
                     await asyncio.to_thread(proc.wait_ready)
             await self.watcher.start()
-            await self._until_healthy()
+            await until_healthy(self.client, self.procs["gateway-1"], timeout=60)
         except BaseException:
             self._stop_processes()
             raise
@@ -116,16 +116,6 @@ class Pipeline:
             if proc.popen.poll() is None:
                 proc.popen.send_signal(signal.SIGCONT)  # a paused process would not handle SIGTERM
             proc.stop()
-
-    async def _until_healthy(self) -> None:
-        for _ in range(600):
-            try:
-                if (await self.client.get("/health")).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.1)
-        raise TimeoutError(f"gateway did not come up:\n{(self.logs / 'gateway-1.log').read_text()}")
 
     async def submit(self, ids: list[str]) -> None:
         """POST /texts for each id concurrently; a 503 (bus unavailable) is retried as its Retry-After says."""

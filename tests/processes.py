@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -33,16 +34,31 @@ WORKERS = [
 
 
 class Proc:
-    """A service process started with `flockwatch serve NAME`."""
+    """A process started with `flockwatch serve NAME …` (one service, or several named together).
 
-    def __init__(self, name: str, instance: str, env: dict[str, str], logs: Path, port: int | None = None) -> None:
+    `session`: in a session of its own, so that `kill` takes its children (a training job) with it, as a
+    container's kill would."""
+
+    def __init__(
+        self,
+        name: str | list[str],
+        instance: str,
+        env: dict[str, str],
+        logs: Path,
+        port: int | None = None,
+        session: bool = False,
+    ) -> None:
         self.instance = instance
+        self.session = session
         self.log = logs / f"{instance}.log"
         self.metrics_port = free_port()  # bus-only services serve Prometheus metrics here (FLOCKWATCH_METRICS_PORT)
-        args = [FLOCKWATCH, "serve", name, *(["--port", str(port)] if port else [])]
+        names = [name] if isinstance(name, str) else name
+        args = [FLOCKWATCH, "serve", *names, *(["--port", str(port)] if port else [])]
         own = {"FLOCKWATCH_INSTANCE_ID": instance, "FLOCKWATCH_METRICS_PORT": str(self.metrics_port)}
         with self.log.open("w") as out:  # a file, not a pipe: a full pipe would block the service
-            self.popen = subprocess.Popen(args, env={**env, **own}, stdout=out, stderr=subprocess.STDOUT)
+            self.popen = subprocess.Popen(
+                args, env={**env, **own}, stdout=out, stderr=subprocess.STDOUT, start_new_session=session
+            )
 
     def wait_ready(self, timeout: float = 60) -> None:
         """Block until the worker prints `ready`."""
@@ -56,8 +72,11 @@ class Proc:
         raise TimeoutError(f"{self.instance} not ready:\n{self.log.read_text()}")
 
     def kill(self) -> None:
-        """SIGKILL: no goodbye, no acks, no leaving the consumer group."""
-        self.popen.send_signal(signal.SIGKILL)
+        """SIGKILL (to its whole session, if it has one): no goodbye, no acks, no leaving the consumer group."""
+        if self.session:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        else:
+            self.popen.send_signal(signal.SIGKILL)
         self.popen.wait()
 
     def stop(self) -> None:
@@ -106,7 +125,7 @@ async def run_texts(env: dict[str, str], logs: Path, kill_at: dict[int, list[str
         for proc in workers.values():
             proc.wait_ready()
         async with watcher, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-            await _until_healthy(client)
+            await until_healthy(client)
             texts = [f"message {i}: call me when you get home, or claim your prize now" for i in range(n)]
             for start in range(0, n, 20):
                 if kill_at.get(start):  # what each worker had read, before some of them die
@@ -160,12 +179,18 @@ async def _texts_read(client: httpx.AsyncClient, workers: Iterable[Proc]) -> dic
     return read
 
 
-async def _until_healthy(client: httpx.AsyncClient) -> None:
-    for _ in range(300):
+async def until_healthy(client: httpx.AsyncClient, proc: Proc | None = None, timeout: float = 30.0) -> None:
+    """Until the HTTP service at `client` answers /health with 200; at once an error if `proc`, the process
+    serving it, has exited (with its log), and a TimeoutError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.popen.poll() is not None:
+            raise RuntimeError(f"{proc.instance} exited with {proc.popen.returncode}:\n{proc.log.read_text()}")
         try:
             if (await client.get("/health")).status_code == 200:
                 return
         except httpx.TransportError:
             pass
         await asyncio.sleep(0.1)
-    raise TimeoutError("gateway did not come up")
+    log = f":\n{proc.log.read_text()}" if proc is not None else ""
+    raise TimeoutError(f"{proc.instance if proc else client.base_url} did not come up within {timeout:g} s{log}")

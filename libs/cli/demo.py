@@ -6,6 +6,7 @@ import asyncio
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import uvicorn
@@ -47,7 +48,7 @@ def run_demo(models: Path, data: Path, n: int, bus_url: str, console: Console) -
         )
     )
 
-    async def main() -> list[dict[str, object]]:
+    async def main() -> list[dict[str, Any]]:
         task = asyncio.create_task(server.serve())
         while not server.started:
             await asyncio.sleep(0.05)
@@ -69,14 +70,14 @@ def run_demo(models: Path, data: Path, n: int, bus_url: str, console: Console) -
     _show(console, texts, truth, results)
 
 
-async def _predict(client: AsyncClient, text: str) -> dict[str, object]:
+async def _predict(client: AsyncClient, text: str) -> dict[str, Any]:
     start = time.perf_counter()
-    body: dict[str, object] = (await client.predict(text)).model_dump()
+    body: dict[str, Any] = (await client.predict(text)).model_dump()
     body["round_trip_ms"] = (time.perf_counter() - start) * 1000
     return body
 
 
-def _show(console: Console, texts: list[str], truth: list[str], results: list[dict[str, object]]) -> None:
+def _show(console: Console, texts: list[str], truth: list[str], results: list[dict[str, Any]]) -> None:
     table = Table(title="decisions (test split texts, sent concurrently over HTTP)")
     for col in ("text", "truth", "decision", "conf.", "set", "path", "voters"):
         table.add_column(col, overflow="fold" if col == "text" else "ellipsis")
@@ -86,7 +87,7 @@ def _show(console: Console, texts: list[str], truth: list[str], results: list[di
         voters = ", ".join(
             f"{k}:{'–' if v['abstain'] else max(v['probabilities'], key=v['probabilities'].get)}"
             for k, v in r["voter_outputs"].items()
-        )  # type: ignore[attr-defined]
+        )
         table.add_row(
             text[:70],
             label,
@@ -95,7 +96,7 @@ def _show(console: Console, texts: list[str], truth: list[str], results: list[di
             ",".join(r["prediction_set"]),
             str(r["path"]),
             voters,
-        )  # type: ignore[arg-type]
+        )
     console.print(table)
     answered = [(r, y) for r, y in zip(results, truth, strict=True) if not r["abstain"]]
     correct = sum(r["prediction"] == y for r, y in answered)

@@ -83,6 +83,7 @@ class _Call:
     path: str
     body: Any
     read: Callable[[httpx.Response], Any]
+    none_if: int | None = None  # this refusal means "there is none (yet)": the answer is None, not an error
 
 
 def _model(model: type[BaseModel]) -> Callable[[httpx.Response], Any]:
@@ -112,7 +113,7 @@ def _submit(text: str, text_id: str | None, metadata: Mapping[str, str] | None) 
 
 
 def _decision(text_id: str) -> _Call:
-    return _Call("gateway", "GET", f"/decisions/{quote(text_id, safe='')}", None, _model(Decision))
+    return _Call("gateway", "GET", f"/decisions/{quote(text_id, safe='')}", None, _model(Decision), none_if=404)
 
 
 def _feedback(text_id: str, reviewer_id: str, label: str | None, thumbs: str | None, **more: str | None) -> _Call:
@@ -151,7 +152,7 @@ class _Base:
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.timeout = timeout
         self.transport = transport  # an httpx transport (tests: httpx.MockTransport, httpx.ASGITransport)
-        self.retry = {
+        self.retry: dict[str, Any] = {  # tenacity's Retrying / AsyncRetrying arguments
             "retry": retry_if_exception(_retryable),
             "stop": stop_after_attempt(retries + 1),
             "wait": _wait(max_wait_s),
@@ -165,6 +166,8 @@ class _Base:
     def _read(call: _Call, response: httpx.Response) -> Any:
         if response.is_success:
             return call.read(response)
+        if response.status_code == call.none_if:
+            return None
         raise FlockwatchError.of(response)
 
 
@@ -196,24 +199,19 @@ class Client(_Base):
         self, text: str, *, text_id: str | None = None, metadata: Mapping[str, str] | None = None
     ) -> PredictResponse:
         """Classify a text and wait for its decision."""
-        return self._send(_predict(text, text_id, metadata))  # type: ignore[no-any-return]
+        return self._send(_predict(text, text_id, metadata))
 
     def predict_batch(self, texts: Sequence[str | Mapping[str, Any]]) -> PredictBatchResponse:
         """Classify up to 1,000 texts at once (strings, or {"text", "text_id", "metadata"} items)."""
-        return self._send(_predict_batch(texts))  # type: ignore[no-any-return]
+        return self._send(_predict_batch(texts))
 
     def submit(self, text: str, *, text_id: str | None = None, metadata: Mapping[str, str] | None = None) -> Accepted:
         """Hand a text in for classification; its decision comes later (`decision`, or the bus)."""
-        return self._send(_submit(text, text_id, metadata))  # type: ignore[no-any-return]
+        return self._send(_submit(text, text_id, metadata))
 
     def decision(self, text_id: str) -> Decision | None:
         """The full decision record of one of the caller's texts; None while there is none (yet)."""
-        try:
-            return self._send(_decision(text_id))  # type: ignore[no-any-return]
-        except FlockwatchError as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return self._send(_decision(text_id))
 
     def feedback(
         self,
@@ -227,7 +225,7 @@ class Client(_Base):
     ) -> FeedbackAccepted:
         """A correction (the true label) and/or a thumbs up/down for a decided text."""
         call = _feedback(text_id, reviewer_id, label, thumbs, note=note, feedback_id=feedback_id)
-        return self._send(call)  # type: ignore[no-any-return]
+        return self._send(call)
 
 
 class AsyncClient(_Base):
@@ -258,26 +256,21 @@ class AsyncClient(_Base):
         self, text: str, *, text_id: str | None = None, metadata: Mapping[str, str] | None = None
     ) -> PredictResponse:
         """Classify a text and wait for its decision."""
-        return await self._send(_predict(text, text_id, metadata))  # type: ignore[no-any-return]
+        return await self._send(_predict(text, text_id, metadata))
 
     async def predict_batch(self, texts: Sequence[str | Mapping[str, Any]]) -> PredictBatchResponse:
         """Classify up to 1,000 texts at once (strings, or {"text", "text_id", "metadata"} items)."""
-        return await self._send(_predict_batch(texts))  # type: ignore[no-any-return]
+        return await self._send(_predict_batch(texts))
 
     async def submit(
         self, text: str, *, text_id: str | None = None, metadata: Mapping[str, str] | None = None
     ) -> Accepted:
         """Hand a text in for classification; its decision comes later (`decision`, or the bus)."""
-        return await self._send(_submit(text, text_id, metadata))  # type: ignore[no-any-return]
+        return await self._send(_submit(text, text_id, metadata))
 
     async def decision(self, text_id: str) -> Decision | None:
         """The full decision record of one of the caller's texts; None while there is none (yet)."""
-        try:
-            return await self._send(_decision(text_id))  # type: ignore[no-any-return]
-        except FlockwatchError as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return await self._send(_decision(text_id))
 
     async def feedback(
         self,
@@ -291,4 +284,4 @@ class AsyncClient(_Base):
     ) -> FeedbackAccepted:
         """A correction (the true label) and/or a thumbs up/down for a decided text."""
         call = _feedback(text_id, reviewer_id, label, thumbs, note=note, feedback_id=feedback_id)
-        return await self._send(call)  # type: ignore[no-any-return]
+        return await self._send(call)

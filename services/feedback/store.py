@@ -65,7 +65,18 @@ SELECT {", ".join("f." + c for c in FEEDBACK_COLUMNS.split(", "))}, t.text, t.te
 FROM feedback f LEFT JOIN texts t USING (text_id) LEFT JOIN decisions d USING (text_id)
 ORDER BY f.seq
 """
+
+
 # texts the model was unsure of and nobody has given feedback on (nor on a duplicate of them)
+def _latest_labels(condition: str = "") -> str:
+    """The newest unflagged correction (text_id, label) of each text with one (and meeting `condition`)."""
+    where = f" AND {condition}" if condition else ""
+    return (
+        "SELECT DISTINCT ON (text_id) text_id, label FROM feedback "
+        f"WHERE label IS NOT NULL AND NOT flagged{where} ORDER BY text_id, seq DESC"
+    )
+
+
 MODEL_QUEUE = """
 FROM decisions d LEFT JOIN texts t USING (text_id)
 WHERE jsonb_array_length(d.reasons) > 0
@@ -269,20 +280,14 @@ class FeedbackStore:
 
     async def latest_labels(self, text_ids: Sequence[str]) -> dict[str, str]:
         """The newest unflagged correction (label) of each text that has one."""
-        rows = await self.pool.fetch(
-            """SELECT DISTINCT ON (text_id) text_id, label FROM feedback
-               WHERE text_id = ANY($1::text[]) AND label IS NOT NULL AND NOT flagged ORDER BY text_id, seq DESC""",
-            list(text_ids),
-        )
+        rows = await self.pool.fetch(_latest_labels("text_id = ANY($1::text[])"), list(text_ids))
         return {r["text_id"]: r["label"] for r in rows}
 
     async def corrected_answers(self, arbiter_version: str) -> tuple[int, int]:
         """Texts `arbiter_version` answered that have a correction (newest unflagged label), and how many of
         those answers the correction contradicts."""
         row = await self.pool.fetchrow(
-            """WITH latest AS (
-                   SELECT DISTINCT ON (text_id) text_id, label FROM feedback
-                   WHERE label IS NOT NULL AND NOT flagged ORDER BY text_id, seq DESC)
+            f"""WITH latest AS ({_latest_labels()})
                SELECT count(*) AS n, count(*) FILTER (WHERE d.prediction <> l.label) AS wrong
                FROM decisions d JOIN latest l USING (text_id)
                WHERE d.arbiter_version = $1 AND NOT d.abstain""",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -30,7 +29,7 @@ from flockwatch.trainer import registry
 
 from tests.integration.feedback_support import DSN, fresh_schema
 from tests.integration.trainer_support import World, copy_models, make_world, wait_until
-from tests.processes import FLOCKWATCH, Proc
+from tests.processes import FLOCKWATCH, Proc, until_healthy
 
 pytestmark = pytest.mark.connected
 REDIS = "redis://127.0.0.1:6379/6"  # this test's alone (no other test uses db 6): flushed before and after
@@ -40,29 +39,6 @@ FINAL = ("published", "rejected", "failed", "cancelled")
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory, data_files: dict[str, Path]) -> World:
     return make_world(tmp_path_factory.mktemp("loop-world"), data_files["sms"])
-
-
-class Group(Proc):
-    """A service process in a session of its own, so a kill takes its children (a training job) with it, as
-    a container's would."""
-
-    def __init__(self, services: list[str], instance: str, env: dict[str, str], logs: Path) -> None:
-        self.instance = instance
-        self.log = logs / f"{instance}.log"
-        self.metrics_port = free_port()
-        own = {"FLOCKWATCH_INSTANCE_ID": instance, "FLOCKWATCH_METRICS_PORT": str(self.metrics_port)}
-        with self.log.open("a") as out:
-            self.popen = subprocess.Popen(
-                [FLOCKWATCH, "serve", *services],
-                env={**env, **own},
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def kill(self) -> None:
-        os.killpg(self.popen.pid, signal.SIGKILL)
-        self.popen.wait()
 
 
 @asynccontextmanager
@@ -101,7 +77,7 @@ async def stack(world: World, root: Path, logs: Path) -> AsyncIterator[dict[str,
             "arbiter": Proc("arbiter", "arbiter-1", env, logs),
             "gateway": Proc("gateway", "gateway-1", env, logs, ports["gateway"]),
         }
-        loop = Group(["feedback", "trainer"], "loop-1", env, logs)
+        loop = Proc(["feedback", "trainer"], "loop-1", env, logs, session=True)
         try:
             for proc in (procs["classical"], procs["arbiter"]):
                 proc.wait_ready(120)
@@ -113,7 +89,7 @@ async def stack(world: World, root: Path, logs: Path) -> AsyncIterator[dict[str,
                 AsyncClient(urls["gateway"], feedback_url=urls["feedback"], timeout=60) as client,
             ):
                 for http, proc in ((gateway, procs["gateway"]), (feedback, loop), (trainer, loop)):
-                    await _healthy(http, proc)
+                    await until_healthy(http, proc, timeout=120)
                 yield {
                     "env": env,
                     "logs": logs,
@@ -127,21 +103,6 @@ async def stack(world: World, root: Path, logs: Path) -> AsyncIterator[dict[str,
             for proc in [*procs.values(), loop]:
                 proc.stop()
             state.flushdb()
-
-
-async def _healthy(client: httpx.AsyncClient, proc: Proc, timeout: float = 120) -> None:
-    """Until the HTTP service answers /health (or its process died)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while asyncio.get_running_loop().time() < deadline:
-        if proc.popen.poll() is not None:
-            raise RuntimeError(f"{proc.instance} exited with {proc.popen.returncode}:\n{proc.log.read_text()}")
-        try:
-            if (await client.get("/health")).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        await asyncio.sleep(0.2)
-    raise TimeoutError(f"{proc.instance} not healthy:\n{proc.log.read_text()}")
 
 
 async def _predict(client: AsyncClient, texts: list[str], prefix: str) -> list[dict[str, Any]]:
@@ -216,11 +177,11 @@ async def test_the_loop_over_processes_survives_a_kill_refuses_poison_and_rolls_
         # ... and the feedback+trainer process dies with its job, mid-run (as a container kill would)
         (loop,) = s["loop"]
         loop.kill()
-        restarted = Group(["feedback", "trainer"], "loop-1", s["env"], s["logs"])
+        restarted = Proc(["feedback", "trainer"], "loop-1", s["env"], s["logs"], session=True)
         s["loop"][0] = restarted
         try:
-            await _healthy(trainer, restarted)
-            await _healthy(feedback, restarted)
+            await until_healthy(trainer, restarted, timeout=120)
+            await until_healthy(feedback, restarted, timeout=120)
 
             async def retried() -> dict[str, Any] | None:
                 runs = await _runs(trainer)

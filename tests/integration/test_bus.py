@@ -65,21 +65,28 @@ async def until(condition: object, seconds: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
-@pytest.mark.parametrize("url", CONNECTED)
-async def test_batches_flow_poison_goes_to_dead_letter_and_repeats_are_dropped(
-    url: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    if url.startswith("kafka"):  # a broker of its own: the poison counts assume empty topics
+async def empty_bus(url: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The bus URL of one of CONNECTED, emptied: Kafka a broker of its own (its env set), the Redis database
+    flushed, the JetStream stream purged (counts of dead letters assume empty topics)."""
+    if url.startswith("kafka"):
         broker = request.getfixturevalue("fresh_tansu")
         for name, value in broker.env.items():
             monkeypatch.setenv(name, value)
-        url = broker.url
+        return broker.url
     if url.startswith("redis"):
         import redis.asyncio as aioredis
 
         await aioredis.from_url(url).flushdb()
     if url.startswith("nats"):
         await purge_nats(url)
+    return url
+
+
+@pytest.mark.parametrize("url", CONNECTED)
+async def test_batches_flow_poison_goes_to_dead_letter_and_repeats_are_dropped(
+    url: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = await empty_bus(url, request, monkeypatch)
     group = f"g{uuid.uuid4().hex[:8]}"  # fresh consumer groups: NATS keeps durable consumers between runs
     bus = create_bus(CommonSettings(bus_url=url, instance_id=group, batch_wait_ms=5))
     votes, dead, batches = voter_and_sinks(bus, group)

@@ -13,7 +13,7 @@ from flockwatch.common.bus import create_bus
 from flockwatch.common.events import TextSubmitted, Vote
 from flockwatch.common.settings import CommonSettings
 
-from tests.integration.test_bus import CONNECTED, purge_nats, until, voter_and_sinks
+from tests.integration.test_bus import CONNECTED, empty_bus, until, voter_and_sinks
 
 KEY = "a shared secret of the deployment"
 
@@ -22,17 +22,7 @@ KEY = "a shared secret of the deployment"
 async def test_with_a_key_only_signed_messages_are_handled(
     url: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if url.startswith("kafka"):
-        broker = request.getfixturevalue("fresh_tansu")
-        for name, value in broker.env.items():
-            monkeypatch.setenv(name, value)
-        url = broker.url
-    if url.startswith("redis"):
-        import redis.asyncio as aioredis
-
-        await aioredis.from_url(url).flushdb()
-    if url.startswith("nats"):
-        await purge_nats(url)
+    url = await empty_bus(url, request, monkeypatch)
     group = f"s{uuid.uuid4().hex[:8]}"
     bus = create_bus(CommonSettings(bus_url=url, instance_id=group, batch_wait_ms=5, bus_key=KEY))
     votes, dead, _ = voter_and_sinks(bus, group)
