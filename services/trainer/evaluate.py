@@ -89,13 +89,19 @@ def _predict(
 
 
 def decide_all(
-    model_dir: Path, texts: list[str], mode: Mode = "cascade", batch: int = 256, policy: ArbiterPolicy | None = None
+    model_dir: Path,
+    texts: list[str],
+    mode: Mode = "cascade",
+    batch: int = 256,
+    policy: ArbiterPolicy | None = None,
+    cores: list[VoterCore] | None = None,
 ) -> Run:
     """Decide every text as the running system would: round by round through the cascade's tiers.
 
-    `always`/`never` ask every tier for all texts / for none. CPU time is process time (all threads).
+    `always`/`never` ask every tier for all texts / for none. CPU time is process time (all threads). `cores`:
+    the bundle's voter cores when the caller already loaded them (`load_cores(model_dir)`).
     """
-    cores = load_cores(model_dir)
+    cores = cores if cores is not None else load_cores(model_dir)
     policy = policy if policy is not None else load_policy(model_dir)
     tier_of = {v: r for r, voters in enumerate(policy.tiers, start=1) for v in voters}
     by_round = [

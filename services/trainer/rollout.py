@@ -143,6 +143,7 @@ class Rollout:
 
     def __init__(self, service: TrainerService) -> None:
         self.svc = service
+        self._shadow_cores: tuple[Path, list[Any]] | None = None  # the candidate in shadow, its loaded voter cores
 
     async def loop(self) -> None:
         """Forever: one shadow step, one watch step, then sleep a check interval."""
@@ -185,7 +186,7 @@ class Rollout:
         wanted = s.trainer_shadow_texts - len(seen)
         live = await svc.feedback.live_decisions(_when(info["since"]), served_by, seen, wanted) if wanted > 0 else []
         if live:
-            decided = await asyncio.to_thread(_decide, Path(info["candidate"]), [r["text"] for r in live])
+            decided = await asyncio.to_thread(self._decide, Path(info["candidate"]), [r["text"] for r in live])
             rows = [
                 (r["text_id"], served_by, r["answer"], answer, confidence)
                 for r, (answer, confidence) in zip(live, decided, strict=True)
@@ -201,6 +202,18 @@ class Rollout:
                 await svc.store.update(run["run_id"], progress=f"in shadow: {n}/{s.trainer_shadow_texts} live texts")
             return
         await self._judge(run, info)
+
+    def _decide(self, bundle: Path, texts: list[str]) -> list[tuple[str | None, float]]:
+        """The bundle's decisions as the services would make them: (answer or None when it abstains, confidence).
+
+        Its voter cores are loaded once per candidate (a MiniLM bundle takes seconds to load), not every step."""
+        from flockwatch.trainer.evaluate import decide_all, load_cores
+
+        if self._shadow_cores is None or self._shadow_cores[0] != bundle:
+            self._shadow_cores = None  # the previous candidate's cores go before the next one's load
+            self._shadow_cores = (bundle, load_cores(bundle))
+        run = decide_all(bundle, texts, cores=self._shadow_cores[1])
+        return [(None if d.abstain else d.prediction, float(d.confidence)) for d in run.decisions]
 
     async def _judge(self, run: dict[str, Any], info: dict[str, Any]) -> None:
         svc, s = self.svc, self.svc.settings
@@ -279,10 +292,3 @@ def _name(bundle: Path | None) -> str | None:
 
 def _when(iso: str) -> datetime:
     return datetime.fromisoformat(iso)
-
-
-def _decide(bundle: Path, texts: list[str]) -> list[tuple[str | None, float]]:
-    """The bundle's decisions as the services would make them: (answer or None when it abstains, confidence)."""
-    from flockwatch.trainer.evaluate import decide_all
-
-    return [(None if d.abstain else d.prediction, float(d.confidence)) for d in decide_all(bundle, texts).decisions]

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from flockwatch.trainer.rollout import ShadowRow, judge_shadow, judge_watch
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from flockwatch.trainer import evaluate
+from flockwatch.trainer.rollout import Rollout, ShadowRow, judge_shadow, judge_watch
 
 
 def _rows(spec: list[tuple[str | None, str | None, str | None, int]]) -> list[ShadowRow]:
@@ -52,3 +58,27 @@ def test_the_watch_rolls_back_only_a_significant_regression_beyond_the_margin() 
     assert not judge_watch(50, 50, 0, 0, 0.05, 0.05).rollback  # nothing to compare with
     verdict = judge_watch(50, 25, 100, 10, 0.05, 0.05)
     assert verdict.p_value < 0.001 and "25/50" in verdict.reason and "10/100" in verdict.reason
+
+
+def test_the_candidate_in_shadow_is_loaded_once_not_at_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    loads: list[Path] = []
+
+    def load_cores(bundle: Path) -> list[Any]:
+        loads.append(bundle)
+        return [f"cores of {bundle.name}"]
+
+    def decide_all(bundle: Path, texts: list[str], cores: list[Any]) -> Any:
+        assert cores == [f"cores of {bundle.name}"]
+        return SimpleNamespace(
+            decisions=[SimpleNamespace(abstain=False, prediction="ham", confidence=0.9)] * len(texts)
+        )
+
+    monkeypatch.setattr(evaluate, "load_cores", load_cores)
+    monkeypatch.setattr(evaluate, "decide_all", decide_all)
+    rollout = Rollout(None)  # type: ignore[arg-type]  # the decide step needs no service
+    a, b = Path("/bundles/v2"), Path("/bundles/v3")
+    for _ in range(3):
+        assert rollout._decide(a, ["x", "y"]) == [("ham", 0.9), ("ham", 0.9)]
+    rollout._decide(b, ["x"])
+    rollout._decide(b, ["x"])
+    assert loads == [a, b]  # one load per candidate, a new candidate loads its own
