@@ -18,6 +18,18 @@ from flockwatch.common.validtext import ValidStr
 from flockwatch.feedback import telemetry
 from flockwatch.feedback.app import FeedbackService, UnknownLabel, feedback_kind
 from flockwatch.feedback.review import conflicts, feedback_groups, review_queue, reviewers, rules_report
+from flockwatch.feedback.schemas import (
+    Conflicts,
+    Duplicates,
+    FeedbackHealth,
+    FeedbackRecord,
+    HygieneRun,
+    Labels,
+    LastHygiene,
+    Reviewers,
+    ReviewQueue,
+    RuleStatsReport,
+)
 from flockwatch.feedback.store import TRANSIENT
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -128,7 +140,8 @@ def create_app(service: FeedbackService) -> FastAPI:
     too_large: dict[int | str, dict[str, Any]] = {
         413: {"model": Problem, "description": "The body is larger than FLOCKWATCH_FEEDBACK_MAX_BODY_BYTES"}
     }
-    app = FastAPIOffline(title="Flockwatch feedback", version="0.1.0", responses={**INVALID, **too_large})
+    # a 422 (INVALID) only on the routes that take a body, a path or a query parameter: the others cannot answer one
+    app = FastAPIOffline(title="Flockwatch feedback", version="0.1.0", responses=too_large)
     use_problem_json(app)
     app.state.service = service
     harden(app, service.settings, service.settings.feedback_max_body_bytes)
@@ -139,6 +152,7 @@ def create_app(service: FeedbackService) -> FastAPI:
     feedback, review, admin = ([Depends(require(scope))] for scope in ("feedback", "review", "admin"))
 
     refused: dict[int | str, dict[str, Any]] = {
+        **INVALID,
         409: {"model": Problem, "description": "This feedback id was already used for different feedback"},
         503: {"model": Problem, "description": "Neither Postgres nor the bus took it; retry after Retry-After"},
     }
@@ -148,13 +162,13 @@ def create_app(service: FeedbackService) -> FastAPI:
         """Record a correction or a thumbs up/down (idempotent by feedback_id)."""
         return await submit(svc, body)
 
-    @app.get("/feedback/conflicts", dependencies=review)
+    @app.get("/feedback/conflicts", dependencies=review, response_model=Conflicts)
     async def get_conflicts(svc: ServiceDep) -> dict[str, Any]:
         """Texts (duplicates merged) whose reviewers gave different labels, unresolved ones first."""
         found = conflicts(await feedback_groups(svc.store))
         return {"unresolved": sum(c["status"] == "conflict" for c in found), "conflicts": found}
 
-    @app.get("/feedback/duplicates", dependencies=review)
+    @app.get("/feedback/duplicates", dependencies=review, response_model=Duplicates, responses=INVALID)
     async def get_duplicates(svc: ServiceDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
         """Repeated feedback (same reviewer, text and answer under new ids) and texts stored under several ids."""
         return {
@@ -162,22 +176,27 @@ def create_app(service: FeedbackService) -> FastAPI:
             "duplicate_texts": await svc.store.duplicate_texts(limit),
         }
 
-    @app.get("/feedback/reviewers", dependencies=review)
+    @app.get("/feedback/reviewers", dependencies=review, response_model=Reviewers)
     async def get_reviewers(svc: ServiceDep) -> dict[str, Any]:
         """Per-reviewer agreement with other reviewers, flag rate and agreement with the model."""
         return {"reviewers": reviewers(await feedback_groups(svc.store))}
 
-    @app.get("/feedback/hygiene", dependencies=review)
+    @app.get("/feedback/hygiene", dependencies=review, response_model=LastHygiene)
     async def last_hygiene(svc: ServiceDep) -> dict[str, Any]:
         """The newest label-hygiene run (or none yet)."""
         return {"last_run": await svc.store.last_hygiene_run()}
 
-    @app.post("/feedback/hygiene", dependencies=admin)
+    @app.post("/feedback/hygiene", dependencies=admin, response_model=HygieneRun)
     async def run_hygiene_now(svc: ServiceDep) -> dict[str, Any]:
         """Check the corrections for likely label errors now; flagged ones return to the review queue."""
         return await svc.hygiene()
 
-    @app.get("/feedback/{feedback_id}", dependencies=review, responses={404: {"model": Problem}})
+    @app.get(
+        "/feedback/{feedback_id}",
+        dependencies=review,
+        response_model=FeedbackRecord,
+        responses={**INVALID, 404: {"model": Problem, "description": "No feedback has this id"}},
+    )
     async def get_feedback(feedback_id: ValidStr, svc: ServiceDep) -> dict[str, Any]:
         """One stored feedback record."""
         found = await svc.store.feedback(feedback_id)
@@ -185,7 +204,7 @@ def create_app(service: FeedbackService) -> FastAPI:
             raise HTTPException(404, f"no feedback {feedback_id!r}")
         return found
 
-    @app.get("/review/queue", dependencies=review)
+    @app.get("/review/queue", dependencies=review, response_model=ReviewQueue, responses=INVALID)
     async def get_queue(
         svc: ServiceDep,
         limit: Annotated[int, Query(ge=1, le=500)] = 20,
@@ -200,7 +219,7 @@ def create_app(service: FeedbackService) -> FastAPI:
     async def review_page() -> HTMLResponse:
         return HTMLResponse(REVIEW_PAGE.read_text(encoding="utf-8"))
 
-    @app.get("/labels", dependencies=feedback)
+    @app.get("/labels", dependencies=feedback, response_model=Labels)
     async def get_labels(svc: ServiceDep) -> dict[str, Any]:
         """The task's classes with descriptions and harm weights (empty: any label accepted)."""
         labels = svc.task.labels
@@ -209,12 +228,12 @@ def create_app(service: FeedbackService) -> FastAPI:
             "labels": [spec.model_dump() for spec in labels.labels] if labels else [],
         }
 
-    @app.get("/rules/stats", dependencies=review)
+    @app.get("/rules/stats", dependencies=review, response_model=RuleStatsReport)
     async def get_rule_stats(svc: ServiceDep) -> dict[str, Any]:
         """Each regex rule's fires, precision against reviewed labels (with a 95 % lower bound) and conflicts."""
         return {"rules": [s.as_dict() for s in await rules_report(svc.store, svc.task)]}
 
-    @app.get("/health")
+    @app.get("/health", response_model=FeedbackHealth)
     async def health(svc: ServiceDep) -> dict[str, Any]:
         """Liveness and whether Postgres answers."""
         try:
