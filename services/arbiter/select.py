@@ -5,7 +5,9 @@ weighted log-linear pool of all voters, and each every-text voter alone (tempera
 cross-fitted over the same folds the voters' out-of-fold outputs came from: fitted on the other folds, it
 scores the held-out fold. The best out-of-fold macro-F1 wins (exact ties: the simpler candidate); it is
 refitted on every row. The per-fold fits of the winner are kept: cross-fitted calibration needs its
-out-of-fold probabilities.
+out-of-fold probabilities. Last, one temperature is fitted on the winner's out-of-fold probabilities and
+applied to it and its fold fits: the argmax (so macro-F1) is unchanged, the confidences match the accuracy
+(a stacker fitted on voter-dropout copies, or with balanced class weights, is not calibrated by itself).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flockwatch.arbiter.stacker import Array, Stacker
+from flockwatch.arbiter.stacker import Array, Stacker, fit_temperature
 from flockwatch.common.metrics import has_opinion
 from numpy.typing import NDArray
 from sklearn.metrics import f1_score, log_loss
@@ -33,10 +35,11 @@ class Selection:
     name: str
     fold_stackers: list[Stacker] = field(default_factory=list)
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    temperature: float = 1.0
 
     def report(self) -> dict[str, Any]:
-        """JSON-ready: the winner and each candidate's out-of-fold macro-F1 and log loss."""
-        return {"chosen": self.name, "candidates": self.scores}
+        """JSON-ready: the winner, its temperature and each candidate's out-of-fold macro-F1 and log loss."""
+        return {"chosen": self.name, "temperature": round(self.temperature, 4), "candidates": self.scores}
 
 
 def candidates(voters: Sequence[str], rare: Sequence[str], base: Stacker) -> dict[str, Callable[[], Stacker]]:
@@ -94,8 +97,10 @@ def select_combiner(
         return Selection(base.fit(oof, y, n_classes), why, fold_fits)
     scores: dict[str, dict[str, float]] = {}
     fits: dict[str, list[Stacker]] = {}
+    oof_probs: dict[str, Array] = {}
     for name, make in candidates(voters, base.rare, base).items():
-        probs, fits[name] = crossfit(make, oof, y, n_classes, folds)
+        oof_probs[name], fits[name] = crossfit(make, oof, y, n_classes, folds)
+        probs = oof_probs[name]
         scored = ~np.isnan(probs).any(axis=1)
         pred = probs[scored].argmax(axis=1)
         scores[name] = {
@@ -104,7 +109,8 @@ def select_combiner(
         }
     best = max(scores, key=lambda n: scores[n]["macro_f1"])  # max keeps the first of exact ties
     chosen = candidates(voters, base.rare, base)[best]().fit(oof, y, n_classes)
-    return Selection(chosen, best, fits[best], scores)
+    t = fit_temperature(oof_probs[best], y)
+    return Selection(chosen.scale(t), best, [f.scale(t) for f in fits[best]], scores, t)
 
 
 def crossfit(

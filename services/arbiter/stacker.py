@@ -52,6 +52,26 @@ def features(probs: Array, present: Mask) -> Array:
     return np.concatenate([logp.reshape(len(probs), -1), present.astype(np.float64)], axis=1)
 
 
+def fit_temperature(probs: Array, y: NDArray[np.integer[Any]], bounds: tuple[float, float] = (0.25, 4.0)) -> float:
+    """The T minimising the log loss of softmax(log(probs) / T) (rows with NaN ignored; 1.0 when none remain).
+
+    For a linear combiner softmax(log p / T) is exactly its logits divided by T, so `Stacker.scale(T)` applies it.
+    """
+    from scipy.optimize import minimize_scalar
+    from scipy.special import log_softmax
+
+    rows = ~np.isnan(probs).any(axis=1)
+    if rows.sum() < 2:
+        return 1.0
+    logp, target = np.log(np.clip(probs[rows], 1e-12, 1.0)), np.asarray(y)[rows]
+
+    def nll(log_t: float) -> float:
+        return float(-log_softmax(logp / np.exp(log_t), axis=1)[np.arange(len(target)), target].mean())
+
+    found = minimize_scalar(nll, bounds=(np.log(bounds[0]), np.log(bounds[1])), method="bounded")
+    return float(np.exp(found.x))
+
+
 class Stacker(ClassifierMixin, BaseEstimator):
     """A linear combiner on `features`, fitted with voter dropout.
 
@@ -162,6 +182,13 @@ class Stacker(ClassifierMixin, BaseEstimator):
     def _check_fitted(self) -> None:
         if not hasattr(self, "coef_"):
             raise NotFittedError("Stacker is not fitted")
+
+    def scale(self, temperature: float) -> Self:
+        """Divide the logits by `temperature` (temperature scaling: same argmax, softer or sharper probabilities)."""
+        self._check_fitted()
+        self.coef_ = self.coef_ / temperature
+        self.intercept_ = self.intercept_ / temperature
+        return self
 
     def predict_proba_stacked(self, probs: Array, present: Mask) -> Array:
         """(n, k) probabilities from (n, m, k) voter probabilities aligned with `voters_` and their mask."""

@@ -39,6 +39,12 @@ class FinetuneConfig(BaseModel):
     batch_size: int = Field(32, ge=1)
     max_length: int = Field(64, ge=8, description="Tokens per text at most (longer texts are truncated).")
     layers: int | None = Field(None, ge=1, description="Keep the encoder's first N transformer layers (None: all).")
+    train_layers: int | None = Field(
+        None,
+        ge=0,
+        description="Fine-tune only the top N transformer layers and the head; the embeddings and lower layers stay"
+        " frozen, so no gradient flows through them (None: every layer).",
+    )
     folds: int = Field(3, ge=2, description="Stratified folds for the out-of-fold outputs.")
     seed: int = 0
     threads: int | None = Field(None, ge=1, description="Torch threads when training in this process (None: torch's).")
@@ -56,6 +62,7 @@ class FinetuneConfig(BaseModel):
             seed=self.seed,
             threads=threads or self.threads,
             layers=self.layers,
+            train_layers=self.train_layers,
             encoder=encoder,
         )
 
@@ -129,6 +136,7 @@ class FineTunedEncoder(BaseEstimator):  # type: ignore[misc,unused-ignore]  # sk
         layers: int | None = None,
         encoder: Path | None = None,
         infer_batch_size: int = 32,
+        train_layers: int | None = None,
     ) -> None:
         self.epochs = epochs
         self.lr = lr
@@ -139,6 +147,7 @@ class FineTunedEncoder(BaseEstimator):  # type: ignore[misc,unused-ignore]  # sk
         self.layers = layers
         self.encoder = encoder
         self.infer_batch_size = infer_batch_size
+        self.train_layers = train_layers
 
     def fit(self, texts: Sequence[str], y: Sequence[str]) -> Self:
         """Fine-tune encoder and head on the texts (deterministic given `seed` and the thread count)."""
@@ -152,7 +161,7 @@ class FineTunedEncoder(BaseEstimator):  # type: ignore[misc,unused-ignore]  # sk
             self._build(self._folder(), len(self.classes_))
             ids = self._tokenize(texts)
             lengths = np.array([len(row) for row in ids], dtype=np.int64)
-            optimizer = torch.optim.AdamW(self.net_.parameters(), lr=self.lr)
+            optimizer = torch.optim.AdamW(self._trainable(), lr=self.lr)
             rng = np.random.default_rng(self.seed)
             self.net_.train()
             self.losses_: list[float] = []
@@ -255,6 +264,18 @@ class FineTunedEncoder(BaseEstimator):  # type: ignore[misc,unused-ignore]  # sk
             backbone.config.num_hidden_layers = len(backbone.encoder.layer)
         self.net_ = _Net(backbone, k)
         self.pad_id_ = int(self.tokenizer_.pad_token_id or 0)
+
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        """The parameters fine-tuned: all, or (`train_layers`) the top layers and the head, the rest frozen.
+
+        Frozen below means no backward pass through the embeddings and lower layers at all: the first tensor that
+        needs a gradient is the first trained layer's output."""
+        if self.train_layers is not None:
+            backbone = self.net_.backbone
+            frozen = len(backbone.encoder.layer) - self.train_layers
+            for module in [backbone.embeddings, *backbone.encoder.layer[: max(frozen, 0)]]:
+                module.requires_grad_(False)
+        return [p for p in self.net_.parameters() if p.requires_grad]
 
     def _tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         rows: list[list[int]] = self.tokenizer_(list(texts), truncation=True, max_length=self.max_length)["input_ids"]

