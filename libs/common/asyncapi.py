@@ -18,6 +18,7 @@ from faststream.kafka import KafkaBroker
 from faststream.specification import AsyncAPI
 from flockwatch.common.bus import Route
 from flockwatch.common.events import DeadLetter, Event, TextSubmitted
+from flockwatch.common.signing import HEADER as SIGNATURE_HEADER
 
 TITLE = "Flockwatch"
 SERVER = "kafka:9092"  # the broker of docker-compose.yml
@@ -132,6 +133,12 @@ HEADERS = {
             "pattern": "^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$",
         },
         "tracestate": {"type": "string", "description": "W3C trace state, when the trace has one."},
+        SIGNATURE_HEADER: {
+            "type": "string",
+            "description": "With FLOCKWATCH_BUS_KEY set: the hex HMAC-SHA256 (that key) of the topic, a NUL byte and "
+            "the payload. Every consumer dead-letters a message whose signature is missing or wrong, unread.",
+            "pattern": "^[0-9a-f]{64}$",
+        },
     },
 }
 

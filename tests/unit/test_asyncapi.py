@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,17 @@ def test_messages_carry_the_event_payload_schemas(doc: dict[str, Any]) -> None:
     assert "votes" in schemas["Decision"]["properties"]
     payload = doc["components"]["messages"]["flockwatch.votes:arbiter:SubscribeMessage"]["payload"]
     assert payload == {"$ref": "#/components/schemas/Vote"}
+
+
+def test_every_message_documents_the_signature_header(doc: dict[str, Any]) -> None:
+    from flockwatch.common.signing import HEADER, sign
+
+    headers = doc["components"]["schemas"]["MessageHeaders"]["properties"]
+    assert HEADER in headers
+    assert re.fullmatch(headers[HEADER]["pattern"], sign(b"k", "flockwatch.texts", b"{}"))
+    assert all(
+        m["headers"] == {"$ref": "#/components/schemas/MessageHeaders"} for m in doc["components"]["messages"].values()
+    )
 
 
 def test_receive_operations_name_their_consumer_group(doc: dict[str, Any]) -> None:
