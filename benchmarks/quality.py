@@ -8,7 +8,7 @@ the cheap variant on N splits per set and counts the splits whose realized selec
 the target: the guarantee (error ≤ target with probability ≥ 1 − δ) allows about a δ share of them.
 
 Usage: .venv/bin/python benchmarks/quality.py [--sets sms trec] [--data NAME=PATH …] [--seeds 0 1 2]
-           [--variants default cheap rules finetune] [--validity 20] [--jobs 2] [--keep]
+           [--variants default frozen cheap rules finetune] [--validity 20] [--jobs 2] [--keep]
            [--out benchmarks/results/quality.json]          (the table also goes to the .md next to it)
 """
 
@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--sets", nargs="*", default=["sms", "trec"], help="bundled sets: data/NAME.csv")
     ap.add_argument("--data", nargs="*", default=[], metavar="NAME=PATH", help="more CSV sets (text,label)")
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2], help="splits compared (none: validity only)")
-    ap.add_argument("--variants", nargs="*", choices=VARIANTS, default=["default", "finetune"])
+    ap.add_argument("--variants", nargs="*", choices=VARIANTS, default=["default", "frozen"])
     ap.add_argument("--validity", type=int, default=0, metavar="N", help="N splits per set, default variant")
     ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="jobs at once (≤ cores)")
     ap.add_argument("--no-baseline-cert", action="store_true", help="skip the baseline's certified coverage")
@@ -110,7 +110,7 @@ def plan(args: argparse.Namespace, sets: dict[str, Path], work: Path) -> tuple[l
                 else:
                     flags = (*flags, *shlex.split(args.train_flags))
                     jobs.append(Job("ensemble", name, seed, variant, split, flags, threads, conformal=args.conformal))
-    order = {"finetune": 0, "rules": 1, "default": 2, "cheap": 3, "": 4}
+    order = {"finetune": 0, "default": 0, "rules": 1, "frozen": 2, "cheap": 3, "": 4}
     return sorted(jobs, key=lambda job: order[job.variant]), skipped
 
 

@@ -17,7 +17,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 FLOCKWATCH = str(Path(sys.executable).with_name("flockwatch"))
 CONFORMAL = Path(__file__).with_name("quality_conformal.yaml")
-VARIANTS = ("default", "cheap", "rules", "finetune")
+VARIANTS = ("default", "frozen", "cheap", "rules", "finetune")
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 BOX = " │╭╮╰╯─┃━┏┓┗┛"  # rich's frame characters, stripped from a failed command's log lines
 MIN_CLASS = 5  # a class needs this many texts to be split 60/40 and cross-fitted
@@ -138,6 +138,8 @@ def variant_flags(variant: str, name: str, finetune: bool) -> tuple[str, ...] | 
     """The `flockwatch train` flags of a variant, or why it is skipped for this set."""
     if variant == "default":
         return ()
+    if variant == "frozen":  # the MiniLM voter frozen (a calibrated head on its embeddings): the earlier default
+        return ("--no-finetune",)
     if variant == "cheap":  # the TF-IDF voters only: what `default` was before the embedding voter joined it
         return ("--no-embedding",)
     if variant == "finetune":

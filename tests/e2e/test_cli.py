@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -31,6 +32,7 @@ def test_train_and_eval_on_a_users_jsonl_without_rules(tmp_path: Path, data_file
             "kind",
             "--out",
             str(tmp_path / "models"),
+            "--no-finetune",  # the frozen encoder: the fine-tuned one is tested in test_finetune_voter (minutes here)
         ],
     )
     assert trained.exit_code == 0, trained.output
@@ -108,3 +110,27 @@ def test_the_embedding_voter_is_on_by_default_and_can_be_turned_off(tmp_path: Pa
     assert _encoder(False, None, True) == packaged_minilm()  # --finetune implies the voter
     with pytest.raises(EncoderError, match="not a sentence-transformers folder"):
         _encoder(None, tmp_path, False)
+
+
+@pytest.mark.parametrize(
+    ("flags", "embedding", "finetune"),
+    [([], True, True), (["--no-finetune"], True, False), (["--no-embedding"], False, False)],
+)
+def test_default_train_fine_tunes_the_encoder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: list[str], embedding: bool, finetune: bool
+) -> None:
+    from flockwatch.trainer import pipeline
+
+    seen = []
+
+    def capture(config: Any, progress: Any) -> Path:
+        seen.append(config)
+        raise ValueError("stopped before training")
+
+    monkeypatch.setattr(pipeline, "train", capture)
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\n" + "".join(f"text {i},{'ab'[i % 2]}\n" for i in range(20)))
+    result = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "m"), *flags])
+    assert result.exit_code == 2 and "stopped before training" in result.output
+    assert (seen[0].embedding is not None) == embedding
+    assert (seen[0].finetune is not None) == finetune
