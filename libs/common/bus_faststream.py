@@ -18,7 +18,7 @@ from faststream.redis.message import DATA_KEY
 from flockwatch.common import envelope, kafka_config, telemetry
 from flockwatch.common.bus import Ack, Bus, BusUnavailable, Route
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_delay, wait_exponential_jitter
 
@@ -38,6 +38,10 @@ NATS_STREAM = JStream("flockwatch", subjects=["flockwatch.>"], declare=True)
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 log = logging.getLogger(__name__)
 FORGET_CONSUMER_IDLE_MS = 3_600_000  # live consumers (and reclaimers) call Redis every few seconds at most
+LAG_READ_TIMEOUT_S = 5.0  # one reading of every group's lag; longer (a broker that hangs) and it is retried later
+# (topic, group) → (messages not yet delivered to the group, or None where the broker cannot tell; delivered and
+# not yet acknowledged / committed)
+LagReadings = dict[tuple[str, str], tuple[int | None, int]]
 
 
 class FixedStreamSub(StreamSub):
@@ -232,6 +236,45 @@ ACK_DELAY_S = 0.05  # the longest an acknowledgement without outputs waits for a
 _SENDING: set[asyncio.Task[None]] = set()  # flushes in progress (a task needs a reference until it ends)
 
 
+def nats_durable(group: str) -> str:
+    """The JetStream durable consumer of a work group (a durable name cannot hold a dot)."""
+    return group.replace(".", "_")
+
+
+def _export_lag(readings: LagReadings) -> None:
+    """Set the gauges `flockwatch_consumer_lag` / `flockwatch_consumer_pending` (labels: topic, group)."""
+    for (topic, group), (lag, pending) in readings.items():
+        if lag is not None:
+            telemetry.CONSUMER_LAG.labels(topic, group).set(lag)
+        telemetry.CONSUMER_PENDING.labels(topic, group).set(pending)
+
+
+async def _kafka_partition_lag(consumer: Any, topic: str) -> tuple[int, int]:
+    """(records not yet handed to the handler, handed over and not committed), summed over the partitions of
+    `topic` assigned to this consumer (an `AIOKafkaConsumer`; none assigned: (0, 0)); the group's other members
+    report theirs.
+
+    A partition's end is the larger of the broker's end offset (ListOffsets) and the high watermark of the last
+    fetch: the watermark alone goes stale while fetched records wait for a busy handler (no new fetch), and Tansu
+    answers ListOffsets with the number of record batches, below the real end. With nothing committed yet the
+    group started at the partition's beginning (work groups read from the earliest offset)."""
+    partitions = sorted(tp for tp in consumer.assignment() if tp.topic == topic)
+    if not partitions:
+        return 0, 0
+    ends = await consumer.end_offsets(partitions)
+    committed = await asyncio.gather(*(consumer.committed(tp) for tp in partitions))
+    positions = await asyncio.gather(*(consumer.position(tp) for tp in partitions))
+    unset = [tp for tp, offset in zip(partitions, committed, strict=True) if offset is None]
+    starts = await consumer.beginning_offsets(unset) if unset else {}
+    lag = pending = 0
+    for tp, offset, position in zip(partitions, committed, positions, strict=True):
+        end = max(ends.get(tp) or 0, consumer.highwater(tp) or 0)
+        done = starts.get(tp, 0) if offset is None else offset
+        lag += max(0, end - position)
+        pending += max(0, position - done)
+    return lag, pending
+
+
 def kafka_bootstrap(url: str) -> list[str]:
     """`kafka://h1:9092,h2:9092` → ["h1:9092", "h2:9092"]."""
     return [h for h in url.split("://", 1)[1].strip("/").split(",") if h]
@@ -258,6 +301,7 @@ class FastStreamBus(Bus):
         self._bound = 0
         self._lag_task: asyncio.Task[None] | None = None
         self._lag_redis: Any = None
+        self._kafka_subs: list[tuple[str, str, Any]] = []  # work groups' (topic, group, FastStream subscriber)
         self._publishing = asyncio.Semaphore(PUBLISH_CONCURRENCY)
         self._redis_sender = RedisSender(self.broker, self._retrying) if isinstance(self.broker, RedisBroker) else None
 
@@ -275,6 +319,8 @@ class FastStreamBus(Bus):
                 **kafka_config.consumer_options(route, group, self.settings),
                 decoder=raw_batch_decoder,
             )
+            if not route.broadcast:
+                self._kafka_subs.append((route.topic, group, sub))
         elif isinstance(self.broker, RedisBroker):
             sub = self.broker.subscriber(
                 stream=FixedStreamSub(
@@ -293,7 +339,7 @@ class FastStreamBus(Bus):
             sub = self.broker.subscriber(
                 route.topic,
                 stream=NATS_STREAM,
-                durable=None if route.broadcast else group.replace(".", "_"),
+                durable=None if route.broadcast else nats_durable(group),
                 pull_sub=PullSub(batch_size=route.max_batch, timeout=max(0.001, route.max_wait_ms / 1000), batch=True),
                 # a batch that failed for a transient reason (bus.TRANSIENT) is redelivered, as on Kafka; poison is
                 # dead-lettered inside `dispatch` and acknowledged
@@ -397,13 +443,13 @@ class FastStreamBus(Bus):
         if isinstance(self.broker, RedisBroker):
             await self.broker.connect()
             await self._create_redis_groups()
-            if self.settings.lag_interval_s > 0 and self.routes:
-                self._lag_task = asyncio.get_running_loop().create_task(self._watch_redis_lag())
         if isinstance(self.broker, KafkaBroker):
             await self._start_kafka(self.broker)
         else:
             await self.broker.start()
         self._started = True
+        if self.settings.lag_interval_s > 0 and any(not route.broadcast for route in self.routes):
+            self._lag_task = asyncio.get_running_loop().create_task(self._watch_lag())
 
     @staticmethod
     async def _start_kafka(broker: KafkaBroker) -> None:
@@ -415,7 +461,17 @@ class FastStreamBus(Bus):
             await pub.start()
         broker.running = True
 
-    async def redis_lag(self) -> dict[tuple[str, str], tuple[int | None, int]]:
+    async def consumer_lag(self) -> LagReadings:
+        """Each work group's (topic, group) → (lag, pending) on this transport (see `redis_lag`, `kafka_lag`,
+        `nats_lag`); also the gauges `flockwatch_consumer_lag` / `_pending`. Broadcast groups (one per instance)
+        are left out."""
+        if isinstance(self.broker, RedisBroker):
+            return await self.redis_lag()
+        if isinstance(self.broker, KafkaBroker):
+            return await self.kafka_lag()
+        return await self.nats_lag()
+
+    async def redis_lag(self) -> LagReadings:
         """(topic, group) → (entries not yet read, or None where Redis cannot tell; read and not acknowledged)
         for this process's work groups; also the gauges `flockwatch_consumer_lag` / `_pending`."""
         if self._lag_redis is None:  # a client of its own: the broker's pool is busy with blocking reads
@@ -423,7 +479,7 @@ class FastStreamBus(Bus):
 
             self._lag_redis = aioredis.from_url(self.settings.bus_url, socket_timeout=2, socket_connect_timeout=2)
         redis: Any = self._lag_redis
-        out: dict[tuple[str, str], tuple[int | None, int]] = {}
+        out: LagReadings = {}
         for route in self.routes:
             if route.broadcast:
                 continue
@@ -433,18 +489,58 @@ class FastStreamBus(Bus):
                 if name == group:
                     lag = info.get("lag")
                     out[(route.topic, group)] = (None if lag is None else int(lag), int(info["pending"]))
-        for (topic, group), (lag, pending) in out.items():
-            if lag is not None:
-                telemetry.CONSUMER_LAG.labels(topic, group).set(lag)
-            telemetry.CONSUMER_PENDING.labels(topic, group).set(pending)
+        _export_lag(out)
         return out
 
-    async def _watch_redis_lag(self) -> None:
+    async def kafka_lag(self) -> LagReadings:
+        """(topic, group) → (records of this process's partitions not yet handed to the handler: end offset −
+        position; handed over and not committed: position − committed), each summed over the partitions this
+        process is assigned (see `_kafka_partition_lag`); also the gauges. Each member of a group reports its own
+        partitions: the group's lag is the sum over its instances. A subscriber not started is left out."""
+        out: LagReadings = {}
+        for topic, group, sub in self._kafka_subs:
+            consumer = sub.consumer  # FastStream's public attribute: its AIOKafkaConsumer while started
+            if consumer is not None:
+                out[(topic, group)] = await _kafka_partition_lag(consumer, topic)
+        _export_lag(out)
+        return out
+
+    async def nats_lag(self) -> LagReadings:
+        """(topic, group) → (messages of the stream the group's durable consumer has not delivered yet:
+        `num_pending`; delivered and not acknowledged: `num_ack_pending`), from the server's consumer info; the
+        same for every instance of the group. Also the gauges."""
+        assert isinstance(self.broker, NatsBroker)
+        js = self.broker.connection.jetstream(timeout=LAG_READ_TIMEOUT_S)
+        out: LagReadings = {}
+        for route in self.routes:
+            if route.broadcast:  # an ephemeral consumer per instance, without a name to ask for
+                continue
+            group = self.group_of(route)
+            info = await js.consumer_info(NATS_STREAM.name, nats_durable(group))
+            out[(route.topic, group)] = (int(info.num_pending or 0), int(info.num_ack_pending or 0))
+        _export_lag(out)
+        return out
+
+    async def _watch_lag(self) -> None:
+        """Read the lag every `lag_interval_s` until cancelled (`stop`). A reading that fails or hangs (a broker
+        down, a rebalance under way, a consumer not created yet) is logged, at warning the first time in a row,
+        and tried again next interval: it never stops the watcher nor holds anything else up."""
+        failing = False
         while True:
             try:
-                await self.redis_lag()
-            except (RedisError, OSError) as exc:
-                log.debug("bus: consumer lag not read: %s", exc)
+                await asyncio.wait_for(self.consumer_lag(), LAG_READ_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - whatever the client raised: the next reading may work
+                (log.debug if failing else log.warning)(
+                    "bus: consumer lag not read (%s: %s); trying again every %s s",
+                    type(exc).__name__,
+                    exc,
+                    self.settings.lag_interval_s,
+                )
+                failing = True
+            else:
+                if failing:
+                    log.info("bus: consumer lag read again")
+                failing = False
             await asyncio.sleep(self.settings.lag_interval_s)
 
     async def stop(self) -> None:

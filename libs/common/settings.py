@@ -120,7 +120,7 @@ class CommonSettings(BaseSettings):
     metrics_host: str = Field("127.0.0.1", description="Address the metrics port listens on (0.0.0.0 in containers).")
 
     lag_interval_s: float = Field(
-        0.0, ge=0, description="How often a service reads its consumer groups' lag (Redis Streams); 0: never."
+        0.0, ge=0, description="How often a service reads its consumer groups' lag (Redis, Kafka, NATS); 0: never."
     )
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines as text, or as JSON (one object a line, with the trace and span ids)."

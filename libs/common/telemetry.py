@@ -40,7 +40,8 @@ IN_FLIGHT = Gauge("flockwatch_gateway_in_flight", "Texts accepted and waiting fo
 REFUSED = Counter("flockwatch_gateway_refused_total", "Texts refused by admission control (503)")
 CONSUMER_LAG = Gauge(
     "flockwatch_consumer_lag",
-    "Entries of a topic its consumer group has not read yet (Redis Streams: XINFO GROUPS lag)",
+    "Messages of a topic its consumer group has not read yet (Redis XINFO GROUPS lag, NATS num_pending, Kafka: end"
+    " offset - position of this instance's partitions)",
     ["topic", "group"],
 )
 CONSUMER_PENDING = Gauge(
