@@ -86,7 +86,11 @@ def fit_policy(
         rows = np.ones(len(y_cal), dtype=bool) if r == 0 else _any_present(cal, tiers[r - 1][0])
         sets[stage_name(r)] = fit_sets(rounds[r], rows)
         matrix = _set_matrix(rounds[r], sets[stage_name(r)], groups)
-        stages.append(Stage.from_sets(rounds[r].probabilities, matrix, config.answer_requires_singleton))
+        stages.append(
+            Stage.from_sets(
+                rounds[r].probabilities, matrix, config.answer_requires_singleton, temperature=selection.temperature
+            )
+        )
     cheap, cheap_stage = rounds[0], stages[0]
     loss = harm_loss(classes, harm, config.risk.harm_weighted)
     choice = choose_thresholds(

@@ -65,19 +65,33 @@ class Stage:
     confidence: Array
     prediction: NDArray[np.int64]
     singleton: Mask
+    # a label-free estimate of each answer's chance to be right, for where the test starts (None: confidence)
+    expected: Array | None = None
 
     @classmethod
-    def from_sets(cls, probs: Array, sets: Mask, require_singleton: bool = True) -> Stage:
+    def from_sets(cls, probs: Array, sets: Mask, require_singleton: bool = True, temperature: float = 1.0) -> Stage:
         """From combined probabilities (NaN rows: no votes) and conformal sets.
 
         `singleton` marks the texts the set rule lets the arbiter answer: those with votes whose set is the
-        predicted class alone, or (`require_singleton` False) every text with votes.
+        predicted class alone, or (`require_singleton` False) every text with votes. `temperature`: the
+        combiner's out-of-fold temperature; the top probability of softmax(log p / T) estimates each answer's
+        chance to be right where the chain starts (the thresholds stay on the confidences as served).
         """
         voted = ~np.isnan(probs).any(axis=1)
         p = np.nan_to_num(probs)
         pred = p.argmax(axis=1)
         single = voted & (sets.sum(axis=1) == 1) & sets[np.arange(len(p)), pred] if require_singleton else voted
-        return cls(np.where(voted, p.max(axis=1), 0.0), pred, single)
+        expected = None
+        if temperature != 1.0:
+            z = np.log(np.clip(p, 1e-12, 1.0)) / temperature
+            e = np.exp(z - z.max(axis=1, keepdims=True))
+            expected = np.where(voted, (e / e.sum(axis=1, keepdims=True))[np.arange(len(p)), pred], 0.0)
+        return cls(np.where(voted, p.max(axis=1), 0.0), pred, single, expected)
+
+    @property
+    def chance(self) -> Array:
+        """Each answer's estimated chance to be right (`expected`, else the confidence)."""
+        return self.expected if self.expected is not None else self.confidence
 
 
 @dataclass(frozen=True)
@@ -205,15 +219,22 @@ class _Chain:
 
 
 def expected_threshold(stage: Stage, target: float) -> float:
-    """λ̂: the lowest confidence at which the *expected* error of the answered texts (the mean of 1 − confidence
+    """λ̂: the lowest confidence at which the *expected* error of the answered texts (the mean of 1 − chance
     over the answerable texts at or above it; the combined probabilities are calibrated) stays ≤ target.
 
     Label-free, so the cascade may use it to decide what to escalate without costing multiplicity.
     """
-    conf = np.sort(stage.confidence[stage.singleton])[::-1]
-    expected = np.cumsum(1.0 - conf) / np.arange(1, len(conf) + 1)
+    conf, chance = _ranked(stage)
+    expected = np.cumsum(1.0 - chance) / np.arange(1, len(conf) + 1)
     within = np.flatnonzero(expected <= target)
     return float(conf[within[-1]]) if len(within) else NEVER
+
+
+def _ranked(stage: Stage) -> tuple[Array, Array]:
+    """The answerable texts' confidences, most confident first, and their estimated chances in that order."""
+    rows = np.flatnonzero(stage.singleton)
+    order = rows[np.argsort(-stage.confidence[rows], kind="stable")]
+    return stage.confidence[order], stage.chance[order]
 
 
 def _min_answered(target: float, level: float, binary: bool, limit: int) -> int:
@@ -227,14 +248,17 @@ def _min_answered(target: float, level: float, binary: bool, limit: int) -> int:
 def _lambda_chain(stage: Stage, start: int, size: int, target: float | None = None, level: float = 0.1) -> Array:
     """λ values, descending, from a label-free start up to every answerable text: the fixed testing order.
 
-    The order uses no label, so it costs no multiplicity. With a `target`, it starts where certification is
-    most likely: the count c of most confident texts with the highest chance to pass, the chance that the
-    errors — Poisson with a pessimistic *expected* count, 1 + 2 × the sum of 1 − confidence — stay within
-    the most a passing test at c allows. Never below `start`, the smallest count
-    that could pass at all. A chain started at the very most confident texts ends at the first confidently
-    wrong text among them; started where passing is likely, one early mistake is diluted.
+    The order uses no label but one: the combiner's temperature (one scalar fitted on the out-of-fold labels)
+    softens the confidences in the estimate below, so the start is not strictly label-free; the repeated-split
+    benchmark (`quality.py --validity`) measures what that costs. With a `target`, it starts where
+    certification is most likely: the count c of most confident texts with the highest chance to pass, the
+    chance that the errors — Poisson with a pessimistic *expected* count, 1 + 2 × the sum of 1 − chance
+    (`Stage.chance`, the temperature-scaled confidence) — stay within the most a passing test at c allows.
+    Never below `start`, the smallest count that could pass at all. A chain started at the very most confident
+    texts ends at the first confidently wrong text among them; started where passing is likely, one early
+    mistake is diluted.
     """
-    conf = np.sort(stage.confidence[stage.singleton])[::-1]
+    conf, chance = _ranked(stage)
     if len(conf) < start:
         return np.array([NEVER])
     first = start
@@ -244,8 +268,8 @@ def _lambda_chain(stage: Stage, start: int, size: int, target: float | None = No
         allowed -= binom.cdf(allowed, counts, target) > level  # …less one unless that tail is exactly within it
         # tails of combined probabilities run overconfident (2–3× the errors 1 − confidence predicts among the
         # most confident TREC texts): the start assumes twice the expected errors plus one
-        chance = poisson.cdf(allowed, 1.0 + OVERCONFIDENCE * np.cumsum(1.0 - conf)[counts - 1])
-        first = int(counts[int(np.argmax(chance))])
+        passing = poisson.cdf(allowed, 1.0 + OVERCONFIDENCE * np.cumsum(1.0 - chance)[counts - 1])
+        first = int(counts[int(np.argmax(passing))])
     counts = np.unique(np.linspace(first, len(conf), size).astype(int))
     return np.asarray(np.unique(conf[counts - 1])[::-1], dtype=np.float64)
 
@@ -263,8 +287,12 @@ def _tau_grid(unsure: Array, budget: float, n: int, count: int) -> list[float]:
 
 def _merge(cheap: Stage, full: Stage, escalate: Mask) -> Stage:
     """Escalated texts are decided with the next tier's votes; the rest as they were."""
+    expected = None
+    if cheap.expected is not None or full.expected is not None:
+        expected = np.where(escalate, full.chance, cheap.chance)
     return Stage(
         np.where(escalate, full.confidence, cheap.confidence),
         np.where(escalate, full.prediction, cheap.prediction),
         np.where(escalate, full.singleton, cheap.singleton),
+        expected,
     )

@@ -53,10 +53,7 @@ def features(probs: Array, present: Mask) -> Array:
 
 
 def fit_temperature(probs: Array, y: NDArray[np.integer[Any]], bounds: tuple[float, float] = (0.25, 4.0)) -> float:
-    """The T minimising the log loss of softmax(log(probs) / T) (rows with NaN ignored; 1.0 when none remain).
-
-    For a linear combiner softmax(log p / T) is exactly its logits divided by T, so `Stacker.scale(T)` applies it.
-    """
+    """The T minimising the log loss of softmax(log(probs) / T) (rows with NaN ignored; 1.0 when none remain)."""
     from scipy.optimize import minimize_scalar
     from scipy.special import log_softmax
 
@@ -182,13 +179,6 @@ class Stacker(ClassifierMixin, BaseEstimator):
     def _check_fitted(self) -> None:
         if not hasattr(self, "coef_"):
             raise NotFittedError("Stacker is not fitted")
-
-    def scale(self, temperature: float) -> Self:
-        """Divide the logits by `temperature` (temperature scaling: same argmax, softer or sharper probabilities)."""
-        self._check_fitted()
-        self.coef_ = self.coef_ / temperature
-        self.intercept_ = self.intercept_ / temperature
-        return self
 
     def predict_proba_stacked(self, probs: Array, present: Mask) -> Array:
         """(n, k) probabilities from (n, m, k) voter probabilities aligned with `voters_` and their mask."""

@@ -7,7 +7,7 @@ import pytest
 from flockwatch.arbiter.config import CascadeConfig, ConformalConfig, RiskConfig
 from flockwatch.arbiter.fit import fit_policy
 from flockwatch.arbiter.model import Escalation
-from flockwatch.arbiter.risk import Stage, choose_thresholds, risk_p_values
+from flockwatch.arbiter.risk import Stage, _lambda_chain, choose_thresholds, risk_p_values
 from flockwatch.arbiter.select import fold_ids, select_combiner
 from flockwatch.arbiter.stacker import Stacker, fit_temperature
 from flockwatch.common.datasets import Dataset, hold_out
@@ -85,30 +85,31 @@ def test_the_combiner_never_loses_to_its_best_voter_out_of_fold() -> None:
 
 def test_an_overconfident_combiner_gets_its_temperature_back() -> None:
     votes, y = synthetic(2000, seed=7)
-    fitted = Stacker(kind="pool").fit(votes, y, 3)
-    calibrated = fitted.predict_proba(votes)
-    overconfident = fitted.scale(0.4)  # logits × 2.5: the same answers, far surer (in place)
-    t = fit_temperature(overconfident.predict_proba(votes), y)
-    assert t == pytest.approx(2.5, rel=0.1)  # dividing by it undoes the × 2.5
-    again = overconfident.scale(t).predict_proba(votes)
-    np.testing.assert_array_equal(again.argmax(axis=1), calibrated.argmax(axis=1))
+    calibrated = Stacker(kind="pool").fit(votes, y, 3).predict_proba(votes)
+    overconfident = softmax(np.log(calibrated) * 2.5, axis=1)  # the same answers, far surer
+    t = fit_temperature(overconfident, y)
+    assert t == pytest.approx(2.5, rel=0.1)  # dividing the log-probabilities by it undoes the × 2.5
+    again = softmax(np.log(overconfident) / t, axis=1)
     assert np.abs(again - calibrated).max() < 0.05
 
 
-def test_the_chosen_combiner_and_its_fold_fits_share_one_temperature() -> None:
+def test_the_temperature_places_the_start_but_leaves_the_served_confidences() -> None:
     votes, y = synthetic(900, seed=8)
     folds = fold_ids(y, 3)
     chosen = select_combiner(votes, y, 3, folds, Stacker())
     assert chosen.report()["temperature"] == pytest.approx(chosen.temperature, abs=1e-4)
-    assert chosen.temperature != 1.0  # fitted, not left at its default
-    params = chosen.stacker.get_params()
-    raw = Stacker(**params).fit(votes, y, 3).predict_proba(votes)
-    expected = softmax(np.log(np.clip(raw, 1e-12, 1)) / chosen.temperature, axis=1)
-    np.testing.assert_allclose(chosen.stacker.predict_proba(votes), expected, atol=1e-9)
-    held = folds == 0
-    fold_raw = Stacker(**params).fit({v: p[~held] for v, p in votes.items()}, y[~held], 3).predict_proba(votes)
-    fold_expected = softmax(np.log(np.clip(fold_raw, 1e-12, 1)) / chosen.temperature, axis=1)
-    np.testing.assert_allclose(chosen.fold_stackers[0].predict_proba(votes), fold_expected, atol=1e-9)
+    raw = Stacker(**chosen.stacker.get_params()).fit(votes, y, 3).predict_proba(votes)
+    np.testing.assert_allclose(chosen.stacker.predict_proba(votes), raw)  # served as fitted
+    sets = np.ones_like(raw, dtype=bool)
+    plain = Stage.from_sets(raw, sets, require_singleton=False)
+    softened = Stage.from_sets(raw, sets, require_singleton=False, temperature=2.0)
+    np.testing.assert_array_equal(plain.confidence, softened.confidence)  # the thresholds' scale is unchanged
+    assert plain.expected is None and (softened.chance < plain.confidence + 1e-12).all()
+    # a surer-than-right combiner: with its estimated chances the chain starts at fewer texts
+    start = 1
+    late = _lambda_chain(plain, start, 200, target=0.05)
+    early = _lambda_chain(softened, start, 200, target=0.05)
+    assert early[0] > late[0]
 
 
 def test_pool_and_single_voter_combiners_round_trip_as_plain_stackers() -> None:
