@@ -271,7 +271,7 @@ class FineTunedEncoder(BaseEstimator):  # type: ignore[misc,unused-ignore]  # sk
         Frozen below means no backward pass through the embeddings and lower layers at all: the first tensor that
         needs a gradient is the first trained layer's output."""
         if self.train_layers is not None:
-            backbone = self.net_.backbone
+            backbone: Any = self.net_.backbone
             frozen = len(backbone.encoder.layer) - self.train_layers
             for module in [backbone.embeddings, *backbone.encoder.layer[: max(frozen, 0)]]:
                 module.requires_grad_(False)
