@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from flockwatch.arbiter.config import CascadeConfig, ConformalConfig, RiskConfig
 from flockwatch.arbiter.fit import fit_policy
 from flockwatch.arbiter.model import Escalation
-from flockwatch.arbiter.risk import Stage, _lambda_chain, choose_thresholds, risk_p_values
+from flockwatch.arbiter.risk import Stage, _allowed_errors, _Chain, _lambda_chain, choose_thresholds, risk_p_values
 from flockwatch.arbiter.select import fold_ids, select_combiner
 from flockwatch.arbiter.stacker import Stacker, fit_temperature
 from flockwatch.common.datasets import Dataset, hold_out
@@ -177,3 +179,35 @@ def test_cascade_escalates_what_the_cheap_voters_cannot_answer_within_budget() -
     folds = fold_ids(y_train, 5)
     alone = fit_policy(cheap_train, y_train, None, None, CLASSES, HARM, without, folds=folds, choose=False)
     assert answered.mean() > np.mean([not d.abstain for d in decisions(alone, cheap)])
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_the_start_counts_the_errors_the_test_itself_allows(binary: bool) -> None:
+    counts = np.array([300, 1200, 3200])
+    allowed = _allowed_errors(counts, 0.01, 0.1, binary)
+    for n, k in zip(counts, allowed, strict=True):
+        assert k >= 0
+        passes = risk_p_values(np.array([k / n, (k + 1) / n]), np.array([n, n], dtype=float), 0.01, binary)
+        assert passes[0] <= 0.1 < passes[1]  # k mistakes pass, one more fails
+    if not binary:  # Hoeffding–Bentkus allows fewer than the exact binomial tail
+        assert (allowed <= _allowed_errors(counts, 0.01, 0.1, True)).all()
+
+
+def test_with_a_temperature_either_start_can_certify_each_at_half_the_level() -> None:
+    n = 3000
+    conf = np.r_[np.linspace(1.0, 0.99999, 2800), np.linspace(0.99, 0.9, 200)]
+    pred = np.zeros(n, dtype=np.int64)
+    y = pred.copy()
+    y[[5, 2850, 2900, 2950]] = 1  # one confident mistake near the top, the rest among the least confident
+    loss = np.array([[0.0, 1.0], [1.0, 0.0]])
+    plain = Stage(conf, pred, np.ones(n, dtype=bool))
+    soft = replace(plain, expected=conf**400)  # a temperature that calls the top texts far less sure
+    chain = _Chain(y, loss, 0.01, 0.1, True, 200, (), 1)
+    both = chain.run(soft, [], (), 0.0)
+    halves = [
+        replace(chain, level=0.05)._run(s, [], (), 0.0, 0.1) for s in (plain, replace(soft, expected=soft.expected))
+    ]
+    assert both.delta == 0.1
+    assert both.certified == any(h.certified for h in halves)
+    assert both.coverage == max([h.coverage for h in halves if h.certified], default=0.0)
+    assert both.certified and both.coverage > 0.5
