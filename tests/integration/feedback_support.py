@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 from flockwatch.common.bus import create_bus
+from flockwatch.feedback.api import create_app
 from flockwatch.feedback.app import FeedbackService
 from flockwatch.feedback.settings import FeedbackSettings
 
@@ -64,6 +66,17 @@ async def running_service(schema: str, **overrides: Any) -> AsyncIterator[Feedba
             yield service
     finally:
         await service.stop()
+
+
+@asynccontextmanager
+async def api_client(service: FeedbackService) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client of the service's API in this process (ASGI transport); the app's auth guard closed after."""
+    app = create_app(service)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://feedback") as client:
+            yield client
+    finally:
+        await app.state.guard.aclose()
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:

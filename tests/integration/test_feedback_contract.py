@@ -9,13 +9,12 @@ from typing import Any
 
 import httpx
 import pytest
-from flockwatch.feedback.api import create_app
 from flockwatch.feedback.app import FeedbackService
 from flockwatch.feedback.review import conflicts, feedback_groups, review_queue, reviewers, rules_report
 from pydantic_core import to_jsonable_python
 
 from tests.feedback_events import decision, feedback, text, vote
-from tests.integration.feedback_support import count, eventually, fresh_schema, running_service
+from tests.integration.feedback_support import api_client, count, eventually, fresh_schema, running_service
 from tests.integration.test_feedback_service import HAM, SPAM, SPAM_P, publish, seed
 
 # the routes whose answers this test compares (everything the document lists but POST /feedback)
@@ -41,10 +40,8 @@ async def service() -> AsyncIterator[FeedbackService]:
 
 @pytest.fixture
 async def client(service: FeedbackService) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(service)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://feedback") as c:
+    async with api_client(service) as c:
         yield c
-    await app.state.guard.aclose()
 
 
 def as_json(value: Any) -> Any:

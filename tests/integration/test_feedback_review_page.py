@@ -17,11 +17,10 @@ import httpx
 import pytest
 import websockets
 from flockwatch.common.tokens import add_token
-from flockwatch.feedback.api import create_app
 from flockwatch.feedback.app import FeedbackService
 
 from tests.feedback_events import decision, text, vote
-from tests.integration.feedback_support import count, eventually, fresh_schema, running_service
+from tests.integration.feedback_support import api_client, count, eventually, fresh_schema, running_service
 
 CHROMIUM = os.environ.get("FLOCKWATCH_CHROMIUM") or next(
     (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None
@@ -64,8 +63,7 @@ async def _decisions(service: FeedbackService, n: int) -> bool:
 async def test_review_page_contract_with_the_api() -> None:
     async with fresh_schema() as schema, running_service(schema) as service:
         await seed(service)
-        transport = httpx.ASGITransport(app=create_app(service))
-        async with httpx.AsyncClient(transport=transport, base_url="http://feedback") as client:
+        async with api_client(service) as client:
             page = await client.get("/review")
             assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
             html = page.text

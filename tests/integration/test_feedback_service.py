@@ -12,12 +12,11 @@ import pytest
 from flockwatch.common import topics
 from flockwatch.common.events import DeadLetter, Event
 from flockwatch.feedback import migrate
-from flockwatch.feedback.api import create_app
 from flockwatch.feedback.app import FeedbackService
 from flockwatch.feedback.training import clean_training_rows, training_rows_sync
 
 from tests.feedback_events import decision, feedback, text, vote
-from tests.integration.feedback_support import DSN, count, eventually, fresh_schema, running_service
+from tests.integration.feedback_support import DSN, api_client, count, eventually, fresh_schema, running_service
 
 SPAM_P = {"ham": 0.1, "spam": 0.9}
 HAM_P = {"ham": 0.9, "spam": 0.1}
@@ -31,8 +30,7 @@ async def service() -> AsyncIterator[FeedbackService]:
 
 @pytest.fixture
 async def client(service: FeedbackService) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=create_app(service))
-    async with httpx.AsyncClient(transport=transport, base_url="http://feedback") as c:
+    async with api_client(service) as c:
         yield c
 
 
