@@ -14,6 +14,25 @@ from sklearn.metrics import f1_score
 ProbRows = NDArray[np.floating[Any]] | Sequence[Sequence[float] | NDArray[np.floating[Any]] | None]
 
 
+def fit_temperature(
+    logits: NDArray[np.floating[Any]], y: NDArray[np.integer[Any]], bounds: tuple[float, float] = (0.05, 20.0)
+) -> float:
+    """The temperature T within `bounds` minimising the negative log-likelihood of softmax(logits / T) (searched
+    in log T; Guo et al., 2017). Log-probabilities serve as logits: softmax(log p / T) is p sharpened or softened.
+    """
+    from scipy.optimize import minimize_scalar
+    from scipy.special import log_softmax
+
+    z = np.asarray(logits, dtype=np.float64)
+    rows, target = np.arange(len(z)), np.asarray(y, dtype=np.int64)
+
+    def nll(log_t: float) -> float:
+        return float(-log_softmax(z / np.exp(log_t), axis=1)[rows, target].mean())
+
+    found = minimize_scalar(nll, bounds=(np.log(bounds[0]), np.log(bounds[1])), method="bounded")
+    return float(np.exp(found.x))
+
+
 def as_prob_matrix(probs: ProbRows, n_classes: int) -> NDArray[np.float64]:
     """An (n, k) float array from `probs`; rows that are None become NaN rows."""
     if isinstance(probs, np.ndarray):

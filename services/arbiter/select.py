@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flockwatch.arbiter.stacker import Array, Stacker, fit_temperature
-from flockwatch.common.metrics import has_opinion
+from flockwatch.arbiter.stacker import Array, Stacker
+from flockwatch.common.metrics import fit_temperature, has_opinion
 from numpy.typing import NDArray
 from sklearn.metrics import f1_score, log_loss
 
@@ -111,7 +111,15 @@ def select_combiner(
         }
     best = max(scores, key=lambda n: scores[n]["macro_f1"])  # max keeps the first of exact ties
     chosen = candidates(voters, base.rare, base)[best]().fit(oof, y, n_classes)
-    return Selection(chosen, best, fits[best], scores, fit_temperature(oof_probs[best], y))
+    return Selection(chosen, best, fits[best], scores, oof_temperature(oof_probs[best], y))
+
+
+def oof_temperature(probs: Array, y: Labels) -> float:
+    """The temperature of out-of-fold combined probabilities (rows without votes ignored; 1.0 with < 2 rows)."""
+    rows = ~np.isnan(probs).any(axis=1)
+    if rows.sum() < 2:
+        return 1.0
+    return fit_temperature(np.log(np.clip(probs[rows], 1e-12, 1.0)), y[rows], bounds=(0.25, 4.0))
 
 
 def crossfit(

@@ -52,23 +52,6 @@ def features(probs: Array, present: Mask) -> Array:
     return np.concatenate([logp.reshape(len(probs), -1), present.astype(np.float64)], axis=1)
 
 
-def fit_temperature(probs: Array, y: NDArray[np.integer[Any]], bounds: tuple[float, float] = (0.25, 4.0)) -> float:
-    """The T minimising the log loss of softmax(log(probs) / T) (rows with NaN ignored; 1.0 when none remain)."""
-    from scipy.optimize import minimize_scalar
-    from scipy.special import log_softmax
-
-    rows = ~np.isnan(probs).any(axis=1)
-    if rows.sum() < 2:
-        return 1.0
-    logp, target = np.log(np.clip(probs[rows], 1e-12, 1.0)), np.asarray(y)[rows]
-
-    def nll(log_t: float) -> float:
-        return float(-log_softmax(logp / np.exp(log_t), axis=1)[np.arange(len(target)), target].mean())
-
-    found = minimize_scalar(nll, bounds=(np.log(bounds[0]), np.log(bounds[1])), method="bounded")
-    return float(np.exp(found.x))
-
-
 class Stacker(ClassifierMixin, BaseEstimator):
     """A linear combiner on `features`, fitted with voter dropout.
 

@@ -17,15 +17,14 @@ from typing import Any, Literal, Self
 import numpy as np
 import torch
 from flockwatch.classical_voter.model import check_training
+from flockwatch.common.metrics import fit_temperature
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field
-from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax, softmax
+from scipy.special import softmax
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 
 BUCKET = 50  # batches per length bucket: sorted within ~1,600 texts, so batches still mix across epochs
-MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0
 
 
 class FinetuneConfig(BaseModel):
@@ -105,18 +104,6 @@ def length_batches(lengths: NDArray[np.int64], batch_size: int, rng: np.random.G
         part = part[np.argsort(lengths[part], kind="stable")]
         batches.extend(part[i : i + batch_size] for i in range(0, len(part), batch_size))
     return [batches[i] for i in rng.permutation(len(batches))]
-
-
-def fit_temperature(logits: NDArray[Any], y: NDArray[np.int64]) -> float:
-    """The temperature T minimising the negative log-likelihood of softmax(logits / T) (searched in log T)."""
-    z = np.asarray(logits, dtype=np.float64)
-    rows = np.arange(len(z))
-
-    def nll(log_t: float) -> float:
-        return float(-log_softmax(z / np.exp(log_t), axis=1)[rows, y].mean())
-
-    found = minimize_scalar(nll, bounds=(np.log(MIN_TEMPERATURE), np.log(MAX_TEMPERATURE)), method="bounded")
-    return float(np.exp(found.x))
 
 
 class FineTunedEncoder(BaseEstimator):  # type: ignore[misc,unused-ignore]  # sklearn is untyped

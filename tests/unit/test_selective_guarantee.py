@@ -10,8 +10,8 @@ from flockwatch.arbiter.config import CascadeConfig, ConformalConfig, RiskConfig
 from flockwatch.arbiter.fit import fit_policy
 from flockwatch.arbiter.model import Escalation
 from flockwatch.arbiter.risk import Stage, _allowed_errors, _Chain, _lambda_chain, choose_thresholds, risk_p_values
-from flockwatch.arbiter.select import fold_ids, select_combiner
-from flockwatch.arbiter.stacker import Stacker, fit_temperature
+from flockwatch.arbiter.select import fold_ids, oof_temperature, select_combiner
+from flockwatch.arbiter.stacker import Stacker
 from flockwatch.common.datasets import Dataset, hold_out
 from mapie.risk_control.methods import compute_hoeffding_bentkus_p_value
 from scipy.special import softmax
@@ -89,7 +89,7 @@ def test_an_overconfident_combiner_gets_its_temperature_back() -> None:
     votes, y = synthetic(2000, seed=7)
     calibrated = Stacker(kind="pool").fit(votes, y, 3).predict_proba(votes)
     overconfident = softmax(np.log(calibrated) * 2.5, axis=1)  # the same answers, far surer
-    t = fit_temperature(overconfident, y)
+    t = oof_temperature(overconfident, y)
     assert t == pytest.approx(2.5, rel=0.1)  # dividing the log-probabilities by it undoes the × 2.5
     again = softmax(np.log(overconfident) / t, axis=1)
     assert np.abs(again - calibrated).max() < 0.05
