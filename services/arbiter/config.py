@@ -94,7 +94,15 @@ class ConformalConfig(BaseModel):
         default_factory=lambda: ["slice"],  # type: ignore[arg-type]  # mypy infers list[str] for the lambda
         description="Calibrate per slice and/or per true class.",
     )
-    consensus_min_prob: float = Field(0.9, gt=0.5, le=1, description="Consensus fast path: every voter ≥ this.")
+    consensus_min_prob: float | None = Field(
+        None,
+        gt=0.5,
+        le=1,
+        description="Consensus fast path: when every voter that voted (≥ 2) has the same top class at ≥ this, the"
+        " decision's probabilities are their mean instead of the combiner's. Off (null) by default: that mean ranks"
+        " texts worse than the combiner (TREC, fine-tuned default: certified coverage at 1 % 0.15 with it at 0.9,"
+        " 0.37 without; SMS 0.987 and 0.988).",
+    )
     answer_requires_singleton: bool = Field(
         False,
         description="Answer only texts whose prediction set is one class (besides confidence ≥ λ). Off: the "

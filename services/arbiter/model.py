@@ -150,7 +150,8 @@ class ArbiterPolicy:
             **{f"escalate_at_tier{r + 1}": tau for r, tau in enumerate(self.escalate_at)},
             "escalate_below": self.escalate_below,
             "risk_target": self.config.risk.target,
-            "consensus_min_prob": self.config.consensus_min_prob,
+            # only when the consensus fast path is on
+            **({} if (cmp := self.config.consensus_min_prob) is None else {"consensus_min_prob": cmp}),
         }
 
     def combine_arrays(self, voter_probs: Mapping[str, Array], consensus: bool = True) -> Combined:

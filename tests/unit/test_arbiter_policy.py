@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -16,8 +17,12 @@ CLASSES = ["clean", "spam", "toxic"]
 HARM = {"clean": 0.5, "spam": 1.0, "toxic": 3.0}
 # the one-class-set rule on: these tests cover the sets' part in answering (the default, λ alone: see
 # test_selective_guarantee.py)
-CONFIG = ConformalConfig(
-    alpha=0.1, mondrian=[], risk=RiskConfig(target=0.05, delta=0.1), answer_requires_singleton=True
+CONFIG = ConformalConfig(  # with the consensus fast path (opt-in), which these tests exercise
+    alpha=0.1,
+    mondrian=[],
+    risk=RiskConfig(target=0.05, delta=0.1),
+    answer_requires_singleton=True,
+    consensus_min_prob=0.9,
 )
 
 
@@ -105,6 +110,15 @@ def test_consensus_path_when_voters_agree_confidently(policy: ArbiterPolicy) -> 
     decision = policy.decide(votes, "t1", latency_ms=5.0)
     assert decision.path == "consensus"
     assert decision.confidence == pytest.approx(0.95)
+
+
+def test_no_consensus_path_by_default(policy: ArbiterPolicy) -> None:
+    assert ConformalConfig().consensus_min_prob is None
+    plain = dataclasses.replace(policy, config=policy.config.model_copy(update={"consensus_min_prob": None}))
+    votes = [vote("good", {"clean": 0.97, "spam": 0.03}), vote("fair", {"clean": 0.93, "spam": 0.07})]
+    decision = plain.decide(votes, "t1")
+    assert decision.path == "combiner" and "consensus_min_prob" not in decision.thresholds
+    assert decision.confidence != pytest.approx(0.95)  # the combiner's, not the voters' mean
 
 
 def test_stacker_path_when_one_voter_disagrees(policy: ArbiterPolicy) -> None:

@@ -10,7 +10,7 @@ from flockwatch.arbiter.config import CascadeConfig, ConformalConfig, RiskConfig
 from flockwatch.arbiter.fit import fit_policy
 from flockwatch.arbiter.model import Escalation
 from flockwatch.arbiter.risk import Stage, _allowed_errors, _Chain, _lambda_chain, choose_thresholds, risk_p_values
-from flockwatch.arbiter.select import fold_ids, oof_temperature, select_combiner
+from flockwatch.arbiter.select import fold_ids, macro_f1, one_standard_error, oof_temperature, select_combiner
 from flockwatch.arbiter.stacker import Stacker
 from flockwatch.common.datasets import Dataset, hold_out
 from mapie.risk_control.methods import compute_hoeffding_bentkus_p_value
@@ -79,10 +79,31 @@ def test_the_combiner_never_loses_to_its_best_voter_out_of_fold() -> None:
     folds = fold_ids(y, 5)
     chosen = select_combiner(votes, y, 3, folds, Stacker())
     best_voter = f1_score(y, votes["strong"].argmax(axis=1), average="macro")
-    assert chosen.scores[chosen.name]["macro_f1"] >= max(s["macro_f1"] for s in chosen.scores.values()) - 1e-12
+    best = max(s["macro_f1"] for s in chosen.scores.values())
+    assert chosen.scores[chosen.name]["macro_f1"] >= best - chosen.scores[chosen.name]["se"]  # one-SE rule
     assert chosen.scores[chosen.name]["macro_f1"] >= chosen.scores["voter:strong"]["macro_f1"]
     assert chosen.scores["voter:strong"]["macro_f1"] == pytest.approx(best_voter, abs=0.02)  # temperature keeps argmax
     assert len(chosen.fold_stackers) == 5
+
+
+def test_the_simplest_candidate_within_one_standard_error_wins() -> None:
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, 2000)
+    right = np.where(rng.random(2000) < 0.9, y, (y + 1) % 3)  # 90 % right
+    nearly = right.copy()  # 22 rows worse, 18 better: a gap of 4 rows where they disagree on 40
+    worse, better = np.flatnonzero(right == y)[:22], np.flatnonzero(right != y)[:18]
+    nearly[worse], nearly[better] = (y[worse] + 1) % 3, y[better]
+    much = np.where(rng.random(2000) < 0.75, y, (y + 2) % 3)
+    scores: dict[str, dict[str, float]] = {n: {} for n in ("voter:a", "pool", "stacker")}
+    preds = {"voter:a": much, "pool": nearly, "stacker": right}
+    assert one_standard_error(y, preds, scores, 3) == "pool"
+    assert 0 < scores["pool"]["se"] and scores["stacker"]["se"] == 0.0
+    assert one_standard_error(y, {"voter:a": much, "stacker": right}, {"voter:a": {}, "stacker": {}}, 3) == "stacker"
+    # a voter within one standard error is simpler than the pool
+    pool = nearly.copy()
+    pool[np.flatnonzero(nearly == y)[:3]] = (y[np.flatnonzero(nearly == y)[:3]] + 1) % 3  # within SE too
+    assert one_standard_error(y, {"voter:a": nearly, "pool": pool, "stacker": right}, scores, 3) == "voter:a"
+    assert macro_f1(y, np.full(2000, -1), 3) == 0.0  # rows without an answer are misses
 
 
 def test_an_overconfident_combiner_gets_its_temperature_back() -> None:
