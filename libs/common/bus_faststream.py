@@ -17,6 +17,7 @@ from faststream.redis import RedisBroker, StreamSub
 from faststream.redis.message import DATA_KEY
 from flockwatch.common import envelope, kafka_config, telemetry
 from flockwatch.common.bus import Ack, Bus, BusUnavailable, Route
+from flockwatch.common.nats_compat import patch_fetch_timeouts
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -296,6 +297,7 @@ class FastStreamBus(Bus):
         elif scheme == "redis":
             self.broker = RedisBroker(url, **QUIET)
         else:
+            patch_fetch_timeouts()  # else a fetch timeout can stall a partial batch for the 30 s ack wait
             self.broker = NatsBroker(url, **QUIET)
         self._started = False
         self._bound = 0

@@ -1,19 +1,19 @@
 """Choose the combiner by out-of-fold macro-F1, so the ensemble never loses to its best voter on held-out rows.
 
-The candidates are the stacker (multinomial logistic regression, C and class weights from a small grid), a
-weighted log-linear pool of all voters, and each every-text voter alone (temperature-scaled). Each is
-cross-fitted over the same folds the voters' out-of-fold outputs came from: fitted on the other folds, it
-scores the held-out fold. The choice is the one-standard-error rule (Breiman et al., 1984): the simplest
-candidate (a voter alone, then the pool, then the stackers) whose out-of-fold macro-F1 is within one
-bootstrap standard error of the best one's (the paired difference, resampled over rows), and not below the
-best voter's. Why not the best score outright: the out-of-fold outputs come from fold models trained on
-fewer texts than the served ones, so a stacker's weights fit to them trust the voters that gain most from
-more data (the fine-tuned encoder) too little; on TREC the best out-of-fold stacker (0.909) scored 0.904 on
-the test file, the pool within its standard error (0.906) 0.920. The winner is refitted on every row. The per-fold fits of the winner are kept: cross-fitted calibration needs its
-out-of-fold probabilities. Last, one temperature is fitted on the winner's out-of-fold probabilities. It is
-not applied to the deployed combiner: applied, it made the test ECE worse on 4 of 6 real sets (the voters
-refit on every text are surer than their out-of-fold outputs, so what corrects the out-of-fold probabilities
-over-corrects the deployed ones). The risk test reads it instead, to place its label-free start (`risk.py`).
+The candidates are the stacker (multinomial logistic regression, C and class weights from a small grid), a weighted
+log-linear pool of all voters, and each every-text voter alone (temperature-scaled). Each is cross-fitted over the
+same folds the voters' out-of-fold outputs came from: fitted on the other folds, it scores the held-out fold. The
+choice is the one-standard-error rule (Breiman et al., 1984): the simplest candidate (a voter alone, then the pool,
+then the stackers) whose out-of-fold macro-F1 is within one bootstrap standard error of the best one's (the paired
+difference, resampled over rows), and not below the best voter's. Why not the best score outright: the out-of-fold
+outputs come from fold models trained on fewer texts than the served ones, so a stacker's weights fit to them trust
+the voters that gain most from more data (the fine-tuned encoder) too little; on TREC the best out-of-fold stacker
+(0.909) scored 0.904 on the test file, the pool within its standard error (0.906) 0.920. The winner is refitted on
+every row. The per-fold fits of the winner are kept: cross-fitted calibration needs its out-of-fold probabilities.
+Last, one temperature is fitted on the winner's out-of-fold probabilities. It is not applied to the deployed
+combiner: applied, it made the test ECE worse on 4 of 6 real sets (the voters refit on every text are surer than
+their out-of-fold outputs, so what corrects the out-of-fold probabilities over-corrects the deployed ones). The
+risk test reads it instead, to place its label-free start (`risk.py`).
 """
 
 from __future__ import annotations

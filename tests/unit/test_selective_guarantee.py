@@ -97,7 +97,7 @@ def test_the_simplest_candidate_within_one_standard_error_wins() -> None:
     scores: dict[str, dict[str, float]] = {n: {} for n in ("voter:a", "pool", "stacker")}
     preds = {"voter:a": much, "pool": nearly, "stacker": right}
     assert one_standard_error(y, preds, scores, 3) == "pool"
-    assert 0 < scores["pool"]["se"] and scores["stacker"]["se"] == 0.0
+    assert scores["pool"]["se"] > 0 and scores["stacker"]["se"] == 0.0
     assert one_standard_error(y, {"voter:a": much, "stacker": right}, {"voter:a": {}, "stacker": {}}, 3) == "stacker"
     # a voter within one standard error is simpler than the pool
     pool = nearly.copy()
