@@ -237,9 +237,13 @@ ACK_DELAY_S = 0.05  # the longest an acknowledgement without outputs waits for a
 _SENDING: set[asyncio.Task[None]] = set()  # flushes in progress (a task needs a reference until it ends)
 
 
-def nats_durable(group: str) -> str:
-    """The JetStream durable consumer of a work group (a durable name cannot hold a dot)."""
-    return group.replace(".", "_")
+def nats_durable(group: str, topic: str) -> str:
+    """The JetStream durable consumer of a work group on one topic (a durable name cannot hold a dot).
+
+    One per (group, topic): a durable consumer has one filter subject, so a group that reads two topics (the
+    arbiter: texts and votes) under one name had its second subscription bound to the first one's consumer and
+    handed the other topic's messages (caught by the signature check, which covers the topic)."""
+    return f"{group}--{topic}".replace(".", "_")
 
 
 def _export_lag(readings: LagReadings) -> None:
@@ -341,7 +345,7 @@ class FastStreamBus(Bus):
             sub = self.broker.subscriber(
                 route.topic,
                 stream=NATS_STREAM,
-                durable=None if route.broadcast else nats_durable(group),
+                durable=None if route.broadcast else nats_durable(group, route.topic),
                 pull_sub=PullSub(batch_size=route.max_batch, timeout=max(0.001, route.max_wait_ms / 1000), batch=True),
                 # a batch that failed for a transient reason (bus.TRANSIENT) is redelivered, as on Kafka; poison is
                 # dead-lettered inside `dispatch` and acknowledged
@@ -518,7 +522,7 @@ class FastStreamBus(Bus):
             if route.broadcast:  # an ephemeral consumer per instance, without a name to ask for
                 continue
             group = self.group_of(route)
-            info = await js.consumer_info(NATS_STREAM.name, nats_durable(group))
+            info = await js.consumer_info(NATS_STREAM.name, nats_durable(group, route.topic))
             out[(route.topic, group)] = (int(info.num_pending or 0), int(info.num_ack_pending or 0))
         _export_lag(out)
         return out

@@ -99,7 +99,7 @@ async def test_batches_flow_poison_goes_to_dead_letter_and_repeats_are_dropped(
         await bus.publish_raw(topics.TEXT_SUBMITTED, b"\xff\xfe", "k")
         await bus.publish([TextSubmitted(message_id=f"{group}-x", text_id=f"{group}-x", text="explode")])
         # Within 20 s on every transport, NATS included: a JetStream fetch that timed out mid-batch used to
-        # stall the batch for the 30 s ack wait (flockwatch.common.nats_compat; test_nats_fetch.py)
+        # stall the batch for the 30 s ack wait (flockwatch.common.nats_compat; test_nats_jetstream.py)
         await until(
             lambda: (
                 len({v.text_id for v in votes if v.text_id.startswith(group)}) >= 300

@@ -142,7 +142,7 @@ async def test_nats_lag_per_topic_and_durable_consumer() -> None:
         client = await nats.connect(NATS_URL)
         js = client.jetstream()
         with contextlib.suppress(Exception):  # leave the shared server as it was
-            await js.delete_consumer(bus_faststream.NATS_STREAM.name, bus_faststream.nats_durable(group))
+            await js.delete_consumer(bus_faststream.NATS_STREAM.name, bus_faststream.nats_durable(group, topic))
             await js.purge_stream(bus_faststream.NATS_STREAM.name, subject=topic)
         await client.close()
     assert bus._lag_task is None  # noqa: SLF001

@@ -1,0 +1,50 @@
+"""Each service its own OS process on the real NATS JetStream: 200 texts, exactly one decision each, while a
+voter, then an arbiter, is killed.
+
+The two arbiters share one durable consumer per topic and keep their join state in Redis
+(`FLOCKWATCH_STATE_URL`): a text and its votes may be pulled by different arbiters. What the killed arbiter
+had pulled and not acknowledged is redelivered to the other after the consumer's ack wait.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.integration.test_bus import purge_nats
+from tests.processes import assert_one_decision_each, run_texts
+
+pytestmark = pytest.mark.connected
+NATS = "nats://127.0.0.1:4222"
+STATE = "redis://127.0.0.1:6379/15"
+
+
+@pytest.fixture
+async def nats_env(sms_bundle: Path) -> Iterator[dict[str, str]]:
+    """Environment of the service processes: the JetStream stream purged, join state in a flushed Redis db."""
+    await purge_nats(NATS)
+    client = redis.Redis.from_url(STATE)
+    client.flushdb()
+    yield {
+        **os.environ,
+        "FLOCKWATCH_BUS_URL": NATS,
+        "FLOCKWATCH_STATE_URL": STATE,
+        "FLOCKWATCH_MODEL_DIR": str(sms_bundle),
+        "FLOCKWATCH_ARBITER_DEADLINE_MS": "1500",
+        # services are killed mid-run, so decisions come late by design: the gateway must not shed the load
+        # (tests/e2e/test_admission.py tests shedding)
+        "FLOCKWATCH_GATEWAY_SHED_AFTER_MS": "0",
+        "FLOCKWATCH_BUS_KEY": "every message signed, every one checked",
+    }
+    client.flushdb()
+
+
+async def test_two_hundred_texts_get_one_decision_each_while_a_voter_and_an_arbiter_die(
+    nats_env: dict[str, str], tmp_path: Path
+) -> None:
+    run = await run_texts(nats_env, tmp_path, kill_at={60: ["classical-1"], 120: ["arbiter-1"]})
+    assert_one_decision_each(run, arbiters={"arbiter-1", "arbiter-2"})
