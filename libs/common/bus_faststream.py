@@ -246,12 +246,14 @@ def nats_durable(group: str, topic: str) -> str:
     return f"{group}--{topic}".replace(".", "_")
 
 
-def _export_lag(readings: LagReadings) -> None:
-    """Set the gauges `flockwatch_consumer_lag` / `flockwatch_consumer_pending` (labels: topic, group)."""
+def _export_lag(readings: LagReadings, scope: str = "group") -> None:
+    """Set the gauges `flockwatch_consumer_lag` / `flockwatch_consumer_pending` (labels: topic, group, scope:
+    `group` where the reading is the whole group's, alike in each instance (Redis, NATS); `instance` where it is
+    this instance's partitions only (Kafka), so that dashboards take the max of the one and the sum of the other)."""
     for (topic, group), (lag, pending) in readings.items():
         if lag is not None:
-            telemetry.CONSUMER_LAG.labels(topic, group).set(lag)
-        telemetry.CONSUMER_PENDING.labels(topic, group).set(pending)
+            telemetry.CONSUMER_LAG.labels(topic, group, scope).set(lag)
+        telemetry.CONSUMER_PENDING.labels(topic, group, scope).set(pending)
 
 
 async def _kafka_partition_lag(consumer: Any, topic: str) -> tuple[int, int]:
@@ -508,7 +510,7 @@ class FastStreamBus(Bus):
             consumer = sub.consumer  # FastStream's public attribute: its AIOKafkaConsumer while started
             if consumer is not None:
                 out[(topic, group)] = await _kafka_partition_lag(consumer, topic)
-        _export_lag(out)
+        _export_lag(out, scope="instance")
         return out
 
     async def nats_lag(self) -> LagReadings:

@@ -41,11 +41,14 @@ REFUSED = Counter("flockwatch_gateway_refused_total", "Texts refused by admissio
 CONSUMER_LAG = Gauge(
     "flockwatch_consumer_lag",
     "Messages of a topic its consumer group has not read yet (Redis XINFO GROUPS lag, NATS num_pending, Kafka: end"
-    " offset - position of this instance's partitions)",
-    ["topic", "group"],
+    " offset - position of this instance's partitions). scope: group (the whole group's, alike in every instance:"
+    " take the max) or instance (this instance's partitions: take the sum)",
+    ["topic", "group", "scope"],
 )
 CONSUMER_PENDING = Gauge(
-    "flockwatch_consumer_pending", "Entries a consumer group has read but not acknowledged", ["topic", "group"]
+    "flockwatch_consumer_pending",
+    "Entries a consumer group has read but not acknowledged (scope as for flockwatch_consumer_lag)",
+    ["topic", "group", "scope"],
 )
 MODEL_INFO = Gauge("flockwatch_model_info", "Loaded model versions (value 1)", ["component", "version"])
 MODEL_CERTIFIED = Gauge(

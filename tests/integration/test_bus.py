@@ -160,7 +160,7 @@ async def test_consumer_lag_is_measured_per_topic_and_group_on_redis() -> None:
         lag = await bus.redis_lag()
         backlog, pending = lag[(topics.TEXT_SUBMITTED, group)]
         assert backlog is not None and backlog + pending == 300 and backlog > 0
-        sample = telemetry.CONSUMER_LAG.labels(topics.TEXT_SUBMITTED, group)._value.get()  # noqa: SLF001
+        sample = telemetry.CONSUMER_LAG.labels(topics.TEXT_SUBMITTED, group, "group")._value.get()  # noqa: SLF001
         assert sample == backlog
         hold.set()
         await until(lambda: len(seen) == 300)

@@ -29,8 +29,12 @@ N = 20
 
 
 def gauge(name: str, topic: str, group: str) -> float | None:
-    """A lag gauge's value as Prometheus would scrape it (None: no such series)."""
-    return REGISTRY.get_sample_value(name, {"topic": topic, "group": group})
+    """A lag gauge's value as Prometheus would scrape it, of either scope (None: no such series)."""
+    for scope in ("group", "instance"):
+        value = REGISTRY.get_sample_value(name, {"topic": topic, "group": group, "scope": scope})
+        if value is not None:
+            return value
+    return None
 
 
 def gauges(topic: str, group: str) -> tuple[float | None, float | None]:
