@@ -457,7 +457,10 @@ def test_grafana_provisions_the_prometheus_datasource_and_loads_the_checked_in_d
     dashboard = json.loads(DASHBOARD.read_text())
     panels = [p for p in dashboard["panels"] if p["type"] != "row"]
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
-    assert {p["datasource"]["uid"] for p in panels} <= set(by_uid)
+    # panels follow the $datasource variable, whose default is the provisioned Prometheus
+    variable = next(v for v in dashboard["templating"]["list"] if v["name"] == "datasource")
+    assert {p["datasource"]["uid"] for p in panels} == {"${datasource}"}
+    assert variable["current"]["value"] in by_uid and by_uid[variable["current"]["value"]]["type"] == variable["query"]
 
 
 def _metric_names() -> dict[str, tuple[str, ...]]:
@@ -579,3 +582,19 @@ def test_compose_uses_only_keys_of_the_compose_specification(services: dict[str,
             assert {d["condition"] for d in depends.values()} <= CONDITIONS, name
             waited = [d for d, c in depends.items() if c["condition"] == "service_healthy"]
             assert all("healthcheck" in services[d] for d in waited), f"{name} waits for a service without healthcheck"
+
+
+def test_dashboard_variables_are_defined_used_and_drive_the_datasource() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    defined = {v["name"] for v in dashboard["templating"]["list"]}
+    assert {"datasource", "group", "voter"} <= defined
+    queries = " ".join(_queries())
+    used = set(re.findall(r"\$(\w+)", queries)) - {"__rate_interval", "__interval", "__range"}
+    assert used == defined - {"datasource"}, (used, defined)  # every filter variable filters some panel
+    for var in dashboard["templating"]["list"]:
+        if var["type"] == "query":
+            assert re.fullmatch(r"label_values\((flockwatch_\w+), (\w+)\)", var["query"]["query"])
+            assert var["includeAll"] and var["allValue"] == ".*"  # "All" matches series without the label too
+    sources = [p.get("datasource") for p in dashboard["panels"] if p.get("targets")]
+    sources += [t.get("datasource") for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert all(s is None or s["uid"] == "${datasource}" for s in sources), "a panel is pinned to one datasource"
