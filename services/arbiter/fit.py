@@ -45,6 +45,7 @@ def fit_policy(
     stacker: Stacker | None = None,
     folds: NDArray[np.int64] | None = None,
     choose: bool = True,
+    serve_temperature: bool = False,
 ) -> ArbiterPolicy:
     """Fit the combiner, calibrate the conformal stages, then choose the answer and escalation thresholds.
 
@@ -52,6 +53,8 @@ def fit_policy(
     (`choose` False: the given stacker, cross-fitted).
     `cal` None: cross-fitted calibration on the train rows themselves (needs `folds`; `cal_texts` are then
     the train texts).
+    `serve_temperature`: scale the chosen combiner by its out-of-fold temperature (`config.serve_temperature`,
+    when set, decides instead); the conformal sets and thresholds are then calibrated on the scaled outputs.
     """
     y_train = np.asarray(y_train, dtype=np.int64)
     tiers = active_tiers(config, list(oof))
@@ -63,6 +66,9 @@ def fit_policy(
         raise ValueError("cross-fitted calibration (cal=None) needs the folds")
     else:
         selection = Selection(base.fit(oof, y_train, len(classes)), "stacker")
+    serve = serve_temperature if config.serve_temperature is None else config.serve_temperature
+    if serve and selection.temperature != 1.0:
+        selection = selection.serve_temperature()
     fitted = selection.stacker
     crossfitted = cal is None
     if cal is None or y_cal is None:
@@ -88,7 +94,10 @@ def fit_policy(
         matrix = _set_matrix(rounds[r], sets[stage_name(r)], groups)
         stages.append(
             Stage.from_sets(
-                rounds[r].probabilities, matrix, config.answer_requires_singleton, temperature=selection.temperature
+                rounds[r].probabilities,
+                matrix,
+                config.answer_requires_singleton,
+                temperature=1.0 if selection.served else selection.temperature,
             )
         )
     cheap, cheap_stage = rounds[0], stages[0]

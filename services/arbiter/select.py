@@ -43,11 +43,25 @@ class Selection:
     fold_stackers: list[Stacker] = field(default_factory=list)
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
     temperature: float = 1.0
+    served: bool = False  # the temperature scales what is served (and the fold fits calibration reads)
 
     def report(self) -> dict[str, Any]:
-        """JSON-ready: the winner, its out-of-fold temperature and each candidate's out-of-fold macro-F1 and log
-        loss."""
-        return {"chosen": self.name, "temperature": round(self.temperature, 4), "candidates": self.scores}
+        """JSON-ready: the winner, its out-of-fold temperature (and whether it is served) and each candidate's
+        out-of-fold macro-F1 and log loss."""
+        return {
+            "chosen": self.name,
+            "temperature": round(self.temperature, 4),
+            "temperature_served": self.served,
+            "candidates": self.scores,
+        }
+
+    def serve_temperature(self) -> Selection:
+        """The combiner and its fold fits temperature-scaled: same answers, the out-of-fold confidences matched to
+        the out-of-fold accuracy, and the calibration reads the scaled fold fits, as served."""
+        t = self.temperature
+        return Selection(
+            self.stacker.scale(t), self.name, [f.scale(t) for f in self.fold_stackers], self.scores, t, True
+        )
 
 
 def candidates(voters: Sequence[str], rare: Sequence[str], base: Stacker) -> dict[str, Callable[[], Stacker]]:

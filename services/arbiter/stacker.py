@@ -163,6 +163,13 @@ class Stacker(ClassifierMixin, BaseEstimator):
         if not hasattr(self, "coef_"):
             raise NotFittedError("Stacker is not fitted")
 
+    def scale(self, temperature: float) -> Self:
+        """Divide the logits by `temperature` (temperature scaling: same argmax, softer or sharper probabilities)."""
+        self._check_fitted()
+        self.coef_ = self.coef_ / temperature
+        self.intercept_ = self.intercept_ / temperature
+        return self
+
     def predict_proba_stacked(self, probs: Array, present: Mask) -> Array:
         """(n, k) probabilities from (n, m, k) voter probabilities aligned with `voters_` and their mask."""
         self._check_fitted()

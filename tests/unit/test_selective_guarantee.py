@@ -232,3 +232,34 @@ def test_with_a_temperature_either_start_can_certify_each_at_half_the_level() ->
     assert both.certified == any(h.certified for h in halves)
     assert both.coverage == max([h.coverage for h in halves if h.certified], default=0.0)
     assert both.certified and both.coverage > 0.5
+
+
+def test_a_served_temperature_scales_the_combiner_and_what_calibration_reads() -> None:
+    votes, y = synthetic(900, seed=9)
+    votes = {v: softmax(np.log(p) * 2.0, axis=1) for v, p in votes.items()}  # overconfident voters
+    folds = fold_ids(y, 3)
+    config = ConformalConfig(alpha=0.1, mondrian=[], risk=RiskConfig(target=0.05, delta=0.1))
+    plain = fit_policy(votes, y, None, None, CLASSES, HARM, config, folds=folds)
+    served = fit_policy(votes, y, None, None, CLASSES, HARM, config, folds=folds, serve_temperature=True)
+    t = served.calibration_report["combiner"]["temperature"]
+    assert served.calibration_report["combiner"]["temperature_served"] and t != 1.0
+    assert not plain.calibration_report["combiner"]["temperature_served"]
+    p0, p1 = plain.combine_arrays(votes).probabilities, served.combine_arrays(votes).probabilities
+    np.testing.assert_array_equal(p0.argmax(axis=1), p1.argmax(axis=1))  # the same answers
+    np.testing.assert_allclose(p1, softmax(np.log(p0) / t, axis=1), atol=1e-4)  # recalibrated confidences
+    # calibration read the scaled out-of-fold outputs: softer where t > 1, sharper where t < 1
+    softer = served.calibration_scores[0].max(axis=1).mean() < plain.calibration_scores[0].max(axis=1).mean()
+    assert softer == (t > 1.0)
+    # the config overrides the trainer's choice either way
+    off = fit_policy(
+        votes,
+        y,
+        None,
+        None,
+        CLASSES,
+        HARM,
+        config.model_copy(update={"serve_temperature": False}),
+        folds=folds,
+        serve_temperature=True,
+    )
+    assert not off.calibration_report["combiner"]["temperature_served"]
