@@ -107,7 +107,7 @@ class ConformalConfig(BaseModel):
         None,
         description="Scale the combiner's served probabilities by the temperature fitted on its out-of-fold"
         " outputs (same answers, recalibrated confidences). null: the trainer decides: on when the bundle has the"
-        " fine-tuned encoder (measured: lower test ECE on every such run, TREC 0.021-0.042 -> 0.012-0.017), off"
+        " fine-tuned encoder (measured: lower test ECE on 8 of 8 re-scored runs of SMS, TREC, tweets3, nyt3), off"
         " otherwise (with TF-IDF voters only it raised test ECE on 4 of 6 sets).",
     )
     answer_requires_singleton: bool = Field(
