@@ -105,6 +105,20 @@ class Run:
     texts_read: dict[str, float] = field(default_factory=dict)  # per worker: texts it consumed (its metrics)
 
 
+def service_env(bundle: Path, **bus: str) -> dict[str, str]:
+    """Environment of the service processes of the process suites: the bundle, a 1.5 s arbiter deadline, no
+    load shedding (services are killed mid-run, so decisions come late by design; tests/e2e/test_admission.py
+    tests shedding), every bus message signed and checked, plus the transport's own variables in `bus`."""
+    return {
+        **os.environ,
+        **bus,
+        "FLOCKWATCH_MODEL_DIR": str(bundle),
+        "FLOCKWATCH_ARBITER_DEADLINE_MS": "1500",
+        "FLOCKWATCH_GATEWAY_SHED_AFTER_MS": "0",
+        "FLOCKWATCH_BUS_KEY": "every message signed, every one checked",  # tests/security/test_bus_signing.py
+    }
+
+
 async def run_texts(env: dict[str, str], logs: Path, kill_at: dict[int, list[str]], n: int = 200) -> Run:
     """Start WORKERS and a gateway on `env`'s bus, submit `n` texts in bursts of 20 and SIGKILL the named
     instances before the burst starting at each `kill_at` index; collect the decisions."""

@@ -10,10 +10,11 @@ outputs come from fold models trained on fewer texts than the served ones, so a 
 the voters that gain most from more data (the fine-tuned encoder) too little; on TREC the best out-of-fold stacker
 (0.909) scored 0.904 on the test file, the pool within its standard error (0.906) 0.920. The winner is refitted on
 every row. The per-fold fits of the winner are kept: cross-fitted calibration needs its out-of-fold probabilities.
-Last, one temperature is fitted on the winner's out-of-fold probabilities. It is not applied to the deployed
-combiner: applied, it made the test ECE worse on 4 of 6 real sets (the voters refit on every text are surer than
-their out-of-fold outputs, so what corrects the out-of-fold probabilities over-corrects the deployed ones). The
-risk test reads it instead, to place its label-free start (`risk.py`).
+Last, one temperature is fitted on the winner's out-of-fold probabilities. `Selection.serve_temperature` applies
+it to the deployed combiner, which `fit_policy` does when the bundle has the fine-tuned encoder (there it lowered
+the test ECE); with TF-IDF voters alone it made the test ECE worse on 4 of 6 real sets (those voters refit on
+every text are surer than their out-of-fold outputs), so there it is not served, and the risk test reads it to
+place a second start instead (`risk.py`).
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ class Selection:
         }
 
     def serve_temperature(self) -> Selection:
-        """The combiner and its fold fits temperature-scaled: same answers, the out-of-fold confidences matched to
-        the out-of-fold accuracy, and the calibration reads the scaled fold fits, as served."""
+        """The combiner and its fold fits temperature-scaled (in place: this selection's stackers are the same
+        objects): same answers, the out-of-fold confidences matched to the out-of-fold accuracy, and the
+        calibration reads the scaled fold fits, as served."""
         t = self.temperature
         return Selection(
             self.stacker.scale(t), self.name, [f.scale(t) for f in self.fold_stackers], self.scores, t, True
@@ -160,11 +162,10 @@ def one_standard_error(
     rng = np.random.default_rng(seed)
     rows = [rng.integers(0, len(y), len(y)) for _ in range(BOOTSTRAP)]
     ref = [macro_f1(y[r], preds[best][r], k) for r in rows]
-    se = {}
     for name in names:
-        se[name] = float(np.std([b - macro_f1(y[r], preds[name][r], k) for r, b in zip(rows, ref, strict=True)]))
-        scores[name]["se"] = se[name]
-    return next((n for n in names if f1[n] >= f1[best] - se[n] and f1[n] >= floor), best)
+        gaps = [b - macro_f1(y[r], preds[name][r], k) for r, b in zip(rows, ref, strict=True)]
+        scores[name]["se"] = float(np.std(gaps))
+    return next((n for n in names if f1[n] >= f1[best] - scores[n]["se"] and f1[n] >= floor), best)
 
 
 def oof_temperature(probs: Array, y: Labels) -> float:

@@ -10,7 +10,6 @@ stored, long before the text's deadline, so a killed arbiter's in-memory joins w
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 import redis
 from flockwatch.common.kafka_dev import TansuBroker
 
-from tests.processes import assert_one_decision_each, run_texts
+from tests.processes import assert_one_decision_each, run_texts, service_env
 
 pytestmark = pytest.mark.connected
 STATE = "redis://127.0.0.1:6379/14"
@@ -29,17 +28,7 @@ def kafka_env(sms_bundle: Path, fresh_tansu: TansuBroker) -> Iterator[dict[str, 
     """Environment of the service processes: a broker of this test's own, join state in a flushed Redis db."""
     client = redis.Redis.from_url(STATE)
     client.flushdb()
-    yield {
-        **os.environ,
-        **fresh_tansu.env,
-        "FLOCKWATCH_STATE_URL": STATE,
-        "FLOCKWATCH_MODEL_DIR": str(sms_bundle),
-        "FLOCKWATCH_ARBITER_DEADLINE_MS": "1500",
-        # services are killed mid-run, so decisions come late by design: the gateway must not shed the load
-        # (tests/e2e/test_admission.py tests shedding)
-        "FLOCKWATCH_GATEWAY_SHED_AFTER_MS": "0",
-        "FLOCKWATCH_BUS_KEY": "every message signed, every one checked",
-    }
+    yield service_env(sms_bundle, **fresh_tansu.env, FLOCKWATCH_STATE_URL=STATE)
     client.flushdb()
 
 

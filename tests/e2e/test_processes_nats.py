@@ -8,7 +8,6 @@ had pulled and not acknowledged is redelivered to the other after the consumer's
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 import redis
 
 from tests.integration.test_bus import purge_nats
-from tests.processes import assert_one_decision_each, run_texts
+from tests.processes import assert_one_decision_each, run_texts, service_env
 
 pytestmark = pytest.mark.connected
 NATS = "nats://127.0.0.1:4222"
@@ -29,17 +28,7 @@ async def nats_env(sms_bundle: Path) -> Iterator[dict[str, str]]:
     await purge_nats(NATS)
     client = redis.Redis.from_url(STATE)
     client.flushdb()
-    yield {
-        **os.environ,
-        "FLOCKWATCH_BUS_URL": NATS,
-        "FLOCKWATCH_STATE_URL": STATE,
-        "FLOCKWATCH_MODEL_DIR": str(sms_bundle),
-        "FLOCKWATCH_ARBITER_DEADLINE_MS": "1500",
-        # services are killed mid-run, so decisions come late by design: the gateway must not shed the load
-        # (tests/e2e/test_admission.py tests shedding)
-        "FLOCKWATCH_GATEWAY_SHED_AFTER_MS": "0",
-        "FLOCKWATCH_BUS_KEY": "every message signed, every one checked",
-    }
+    yield service_env(sms_bundle, FLOCKWATCH_BUS_URL=NATS, FLOCKWATCH_STATE_URL=STATE)
     client.flushdb()
 
 

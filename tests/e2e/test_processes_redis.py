@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from tests.processes import assert_one_decision_each, run_texts
+from tests.processes import assert_one_decision_each, run_texts, service_env
 
 pytestmark = pytest.mark.connected
 REDIS = "redis://127.0.0.1:6379/7"
@@ -24,16 +23,7 @@ def redis_env(sms_bundle: Path) -> Iterator[dict[str, str]]:
     except redis.ConnectionError as exc:  # pragma: no cover - Redis runs on every machine of this project
         pytest.fail(f"Redis at {REDIS} is required: {exc}")
     client.flushdb()
-    yield {
-        **os.environ,
-        "FLOCKWATCH_BUS_URL": REDIS,
-        "FLOCKWATCH_MODEL_DIR": str(sms_bundle),
-        "FLOCKWATCH_ARBITER_DEADLINE_MS": "1500",
-        # services are killed mid-run, so decisions come late by design: the gateway must not shed the load
-        # (tests/e2e/test_admission.py tests shedding)
-        "FLOCKWATCH_GATEWAY_SHED_AFTER_MS": "0",
-        "FLOCKWATCH_BUS_KEY": "every message signed, every one checked",  # tests/security/test_bus_signing.py
-    }
+    yield service_env(sms_bundle, FLOCKWATCH_BUS_URL=REDIS)
     client.flushdb()
 
 
