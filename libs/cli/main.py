@@ -110,6 +110,14 @@ def train(
             "cores, ~2–4 CPU-ms per text served) or keep it frozen with a calibrated head (~1 min, ~7–20 CPU-ms)",
         ),
     ] = None,
+    finetune_folds: Annotated[
+        int,
+        typer.Option(
+            min=2,
+            help="Fold models of the fine-tuned encoder for its out-of-fold outputs: more folds learn from more texts "
+            "(closer to the final model the combiner and the thresholds are fitted for), each costs one more fit",
+        ),
+    ] = 3,
     test: Annotated[Path | None, typer.Option(help="Labeled texts to evaluate on (never trained on)")] = None,
     test_frac: Annotated[float, typer.Option(help="Without --test: hold out this share of DATA to evaluate on")] = 0.0,
     calibration: Annotated[
@@ -144,7 +152,7 @@ def train(
         if finetune:
             from flockwatch.classical_voter.finetune import FinetuneConfig
 
-            config.finetune = FinetuneConfig()
+            config.finetune = FinetuneConfig(folds=finetune_folds)
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as bar:
             task = bar.add_task("loading", total=None)
             bundle = run_train(config, lambda step: bar.update(task, description=step))
