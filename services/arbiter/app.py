@@ -9,19 +9,14 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from flockwatch.arbiter.conformal import load_sets
 from flockwatch.arbiter.join import JoinStore, MemoryJoinStore, Ready, RedisJoinStore, Submitted
 from flockwatch.arbiter.liveness import VoterWatch
 from flockwatch.arbiter.model import ArbiterPolicy, DecideItem, Escalation
 from flockwatch.arbiter.settings import ArbiterSettings
 from flockwatch.common import heap, telemetry, topics
 from flockwatch.common.announcements import Announcements
-from flockwatch.common.artifacts import (
-    ArtifactError,
-    load_joblib,
-    load_json,
-    read_manifest,
-    verified_file,
-)
+from flockwatch.common.artifacts import ArtifactError, load_json, read_manifest, verified_file
 from flockwatch.common.bus import Bus
 from flockwatch.common.events import Decision, Event, ModelPublished, TextSubmitted, Vote, VoteRequested
 from flockwatch.common.service import Service
@@ -29,7 +24,6 @@ from flockwatch.common.slices import SliceConfig
 
 log = logging.getLogger(__name__)
 ARTIFACT = "arbiter.json"
-CALIBRATORS = "conformal.joblib"
 IDLE_TICK_S = 0.1  # the longest the deadline loop sleeps (decided texts wait this long at most to be confirmed)
 
 
@@ -37,7 +31,7 @@ def load_policy(model_dir: Path) -> ArbiterPolicy:
     """The bundle's arbiter policy: stacker and thresholds (JSON), conformal calibrators, slices; all verified."""
     files = read_manifest(model_dir, verify=False).files
     slices = SliceConfig.load(verified_file(model_dir, "slices.yaml")) if "slices.yaml" in files else None
-    sets = load_joblib(model_dir, CALIBRATORS)
+    sets = load_sets(model_dir)
     return ArbiterPolicy.from_dict(load_json(model_dir, ARTIFACT), sets, slices)
 
 

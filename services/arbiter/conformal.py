@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
@@ -170,6 +171,21 @@ class MondrianSets:
             out[key] = (np.asarray(score.quantiles_, dtype=np.float64), EPSILON)
         return out
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Plain state (what skops can write): the tuple-keyed maps as lists of pairs, the LAC cache left out."""
+        state = {name: value for name, value in self.__dict__.items() if name != "_lac_quantiles"}
+        state["calibrators"] = [[list(key), clf] for key, clf in self.calibrators.items()]
+        state["route"] = [[list(key), list(to)] for key, to in self.route.items()]
+        state["by"] = list(self.by)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        state["calibrators"] = {(key[0], key[1]): clf for key, clf in state["calibrators"]}
+        state["route"] = {(key[0], key[1]): (to[0], to[1]) for key, to in state["route"]}
+        state["by"] = tuple(state["by"])
+        self.__dict__.update(state)
+
     @property
     def thresholds(self) -> dict[str, float]:
         """The conformity-score quantile of each fitted calibrator (what a decision's set was cut at)."""
@@ -199,3 +215,42 @@ def _fallbacks(key: Key) -> list[Key]:
     """The key itself, then the same class pooled over groups, then the group over classes, then everything."""
     group, name = key
     return list(dict.fromkeys([key, (ALL, name), (group, ALL), (ALL, ALL)]))
+
+
+CALIBRATORS = "conformal.skops"  # the fitted sets of every plan, by plan name
+LEGACY_CALIBRATORS = "conformal.joblib"  # the pickle of earlier versions: refused
+
+
+def trusted_types() -> list[type]:
+    """What conformal.skops may hold beyond what skops trusts by default: the sets and MAPIE's fitted objects."""
+    from mapie.classification import SplitConformalClassifier, _MapieClassifier
+    from mapie.conformity_scores import (
+        APSConformityScore,
+        LACConformityScore,
+        NaiveConformityScore,
+        RAPSConformityScore,
+        TopKConformityScore,
+    )
+    from mapie.estimator.classifier import EnsembleClassifier
+
+    scores = [APSConformityScore, LACConformityScore, NaiveConformityScore, RAPSConformityScore, TopKConformityScore]
+    return [MondrianSets, GivenProbabilities, SplitConformalClassifier, _MapieClassifier, EnsembleClassifier, *scores]
+
+
+def save_sets(sets: dict[str, MondrianSets], directory: Path) -> str:
+    """Write the fitted sets of every plan (skops); returns the file name."""
+    from flockwatch.common.artifacts import dump_skops
+
+    dump_skops(sets, directory / CALIBRATORS)
+    return CALIBRATORS
+
+
+def load_sets(directory: Path) -> dict[str, MondrianSets]:
+    """A verified bundle's fitted sets (rebuilt from skops with an allow-list of types; a pickle is refused)."""
+    from flockwatch.common.artifacts import ArtifactError, load_skops, read_manifest, refuse_pickle
+
+    refuse_pickle(directory, read_manifest(directory, verify=False), LEGACY_CALIBRATORS)
+    sets = load_skops(directory, CALIBRATORS, trusted_types())
+    if not isinstance(sets, dict) or not all(isinstance(s, MondrianSets) for s in sets.values()):
+        raise ArtifactError(f"{directory}/{CALIBRATORS} does not hold the fitted sets of each plan")
+    return sets

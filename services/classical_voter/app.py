@@ -6,11 +6,26 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from flockwatch.classical_voter.model import ClassicalModel
-from flockwatch.common.artifacts import load_joblib, read_manifest
+from flockwatch.common.artifacts import dump_skops, load_skops, read_manifest, refuse_pickle
 from flockwatch.common.service import VoterCore, VoterService
 from flockwatch.common.voting import Opinion
 
-ARTIFACT = "classical.joblib"
+ARTIFACT = "classical.skops"
+LEGACY = "classical.joblib"  # the pickle of earlier versions: refused
+
+
+def trusted_types() -> list[type]:
+    """What a classical.skops may hold beyond what skops trusts by default (scikit-learn's estimators)."""
+    from sklearn.calibration import _CalibratedClassifier
+    from sklearn.model_selection import StratifiedKFold
+
+    return [ClassicalModel, _CalibratedClassifier, StratifiedKFold]
+
+
+def save(model: ClassicalModel, directory: Path) -> str:
+    """Write the fitted models (skops); returns the file name."""
+    dump_skops(model, directory / ARTIFACT)
+    return ARTIFACT
 
 
 class ClassicalCore(VoterCore):
@@ -26,11 +41,12 @@ class ClassicalCore(VoterCore):
 
 
 def load_core(model_dir: Path) -> ClassicalCore | None:
-    """The bundle's classical models (sha256-verified before unpickling), or None."""
+    """The bundle's classical models (sha256-verified, rebuilt from skops with an allow-list of types), or None."""
     manifest = read_manifest(model_dir, verify=False)
+    refuse_pickle(model_dir, manifest, LEGACY)
     if ARTIFACT not in manifest.files:
         return None
-    model = load_joblib(model_dir, ARTIFACT)
+    model = load_skops(model_dir, ARTIFACT, trusted_types())
     if not isinstance(model, ClassicalModel):
         raise TypeError(f"{model_dir}/{ARTIFACT} does not hold a ClassicalModel")
     return ClassicalCore(model, manifest.components.get("classical", manifest.version))

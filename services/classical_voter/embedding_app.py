@@ -1,7 +1,7 @@
 """Embedding voter service: a sentence encoder + calibrated head voting as `minilm`; its bundle part and training.
 
 One voter, two kinds of bundle part: a frozen encoder with a calibrated logistic-regression head
-(`embedding.joblib`, the default), or the encoder fine-tuned end to end with a linear head
+(`embedding.skops`, the default), or the encoder fine-tuned end to end with a linear head
 (`embedding.safetensors`, temperature-scaled; `finetune.py`). By default it runs as a cascade voter: it votes
 only when the arbiter asks (`VoteRequested` naming it), since encoding a text costs 10–100× a TF-IDF
 prediction. `FLOCKWATCH_EMBEDDING_MODE=always` votes on every text.
@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-import joblib
 import numpy as np
 from flockwatch.classical_voter.embedding import (
     VOTER,
@@ -28,7 +27,15 @@ from flockwatch.classical_voter.embedding import (
 )
 from flockwatch.classical_voter.encoder import describe, load_sentence_encoder, locate
 from flockwatch.classical_voter.settings import EmbeddingSettings
-from flockwatch.common.artifacts import ArtifactError, Manifest, load_joblib, load_json, read_manifest
+from flockwatch.common.artifacts import (
+    ArtifactError,
+    Manifest,
+    dump_skops,
+    load_json,
+    load_skops,
+    read_manifest,
+    refuse_pickle,
+)
 from flockwatch.common.bus import Bus
 from flockwatch.common.metrics import expected_calibration_error
 from flockwatch.common.service import VoterCore, VoterService
@@ -41,7 +48,8 @@ from sklearn.metrics import f1_score
 if TYPE_CHECKING:  # torch loads only when a fine-tuned encoder is trained or loaded
     from flockwatch.classical_voter.finetune import FinetuneConfig, FineTunedEncoder
 
-ARTIFACT = "embedding.joblib"  # the frozen encoder's fitted head only
+ARTIFACT = "embedding.skops"  # the frozen encoder's fitted head only
+LEGACY = "embedding.joblib"  # the pickle of earlier versions: refused
 INFO = "embedding.json"  # voter name, kind, classes, calibration, and the encoder (name, path, sha256, package)
 WEIGHTS = "embedding.safetensors"  # a fine-tuned encoder and its linear head (no pickle)
 FROZEN_BATCH = 32  # texts per forward pass of a frozen sentence-transformers encoder, unless configured
@@ -61,10 +69,18 @@ class EmbeddingCore(VoterCore):
         return self.model.predict(list(texts))
 
 
+def head_types() -> list[type]:
+    """What embedding.skops may hold beyond what skops trusts by default (scikit-learn's estimators)."""
+    from sklearn.calibration import _CalibratedClassifier
+    from sklearn.model_selection import StratifiedKFold
+
+    return [EmbeddingHead, _CalibratedClassifier, StratifiedKFold]
+
+
 def save(model: EmbeddingModel, encoder: dict[str, Any], directory: Path, report: dict[str, Any]) -> list[str]:
     """Write the head and its description (with the encoder's record); returns the file names written."""
     directory.mkdir(parents=True, exist_ok=True)
-    joblib.dump(model.head, directory / ARTIFACT)
+    dump_skops(model.head, directory / ARTIFACT)
     info = {
         "voter": model.voter,
         "classes": model.classes,
@@ -98,7 +114,8 @@ def load_core(
         torch.set_num_threads(settings.embedding_threads)  # process-wide: the voter's forward passes
     if info.get("kind") == "finetuned":
         return _load_finetuned(model_dir, manifest, info, settings, previous)
-    head = load_joblib(model_dir, ARTIFACT)
+    refuse_pickle(model_dir, manifest, LEGACY)
+    head = load_skops(model_dir, ARTIFACT, head_types())
     if not isinstance(head, EmbeddingHead):
         raise ArtifactError(f"{model_dir}/{ARTIFACT} does not hold an EmbeddingHead")
     record = info["encoder"]

@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import joblib
 import numpy as np
 from flockwatch.arbiter.config import ConformalConfig
+from flockwatch.arbiter.conformal import save_sets
 from flockwatch.arbiter.fit import fit_policy
 from flockwatch.arbiter.model import ArbiterPolicy, harm_weights
 from flockwatch.arbiter.select import fold_ids
+from flockwatch.classical_voter.app import save as save_classical
 from flockwatch.classical_voter.model import ClassicalModel
 from flockwatch.common.artifacts import Manifest, new_version, publish_dir, write_manifest
 from flockwatch.common.datasets import CALIBRATION_FRACTION, Dataset, hold_out
@@ -120,7 +121,7 @@ def train(config: TrainConfig, progress: Progress = lambda _: None) -> Path:
         )
     )
     cal.update(_reorder(model.predict_proba_all(cal_set.texts), model.classes_, classes))
-    joblib.dump(model, staging / "classical.joblib")
+    save_classical(model, staging)
     embedding_report = _embedding(config, fitted, classes, progress)
     ws_report = _weak_supervision(config, labels, fitted, progress)
     llm_report = _llm(config, labels, fitted, progress)
@@ -159,7 +160,7 @@ def train(config: TrainConfig, progress: Progress = lambda _: None) -> Path:
     _dump_yaml(plan.config.model_dump(exclude_none=True), staging / "conformal.yaml")  # as deployed
     components["arbiter"] = policy.version
     (staging / "arbiter.json").write_text(json.dumps(policy.to_dict(), indent=1), encoding="utf-8")
-    joblib.dump(policy.sets, staging / "conformal.joblib")
+    save_sets(policy.sets, staging)
 
     manifest = Manifest(
         name=config.name,

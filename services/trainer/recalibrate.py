@@ -11,9 +11,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import joblib
 import numpy as np
 from flockwatch.arbiter.config import ConformalConfig
+from flockwatch.arbiter.conformal import CALIBRATORS, LEGACY_CALIBRATORS, save_sets
 from flockwatch.arbiter.fit import fit_policy
 from flockwatch.arbiter.model import harm_weights
 from flockwatch.common.artifacts import MANIFEST, new_version, publish_dir, read_manifest, verified_file, write_manifest
@@ -24,7 +24,7 @@ from flockwatch.common.voting import opinions_matrix
 from flockwatch.trainer.evaluate import decide_all, evaluate
 from flockwatch.trainer.pipeline import Progress, model_card
 
-REFIT = ("arbiter.json", "conformal.joblib", "metrics.json", "model_card.md", "gate.json", MANIFEST)
+REFIT = ("arbiter.json", CALIBRATORS, LEGACY_CALIBRATORS, "metrics.json", "model_card.md", "gate.json", MANIFEST)
 
 
 def _outputs(champion: Path, texts: list[str], classes: list[str]) -> dict[str, np.ndarray]:
@@ -63,7 +63,7 @@ def recalibrate(
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out))
     shutil.copytree(champion, staging, dirs_exist_ok=True, ignore=lambda _d, names: [n for n in names if n in REFIT])
     (staging / "arbiter.json").write_text(json.dumps(policy.to_dict(), indent=1), encoding="utf-8")
-    joblib.dump(policy.sets, staging / "conformal.joblib")
+    save_sets(policy.sets, staging)
     manifest = parent.model_copy(
         update={
             "version": version,

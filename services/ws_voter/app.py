@@ -5,15 +5,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import joblib
 import yaml
 from flockwatch.classical_voter.app import load_core as load_classical
-from flockwatch.common.artifacts import ArtifactError, load_joblib, read_manifest
+from flockwatch.common.artifacts import ArtifactError, dump_skops, load_skops, read_manifest, refuse_pickle
 from flockwatch.common.service import VoterCore, VoterService
 from flockwatch.regex_voter.app import load_core as load_regex
+from flockwatch.ws_voter.lfs import LabelModelSpec, LFSet, PatternLF, VoterLF
 from flockwatch.ws_voter.model import WSModel
 
-ARTIFACT = "ws.joblib"
+ARTIFACT = "ws.skops"
+LEGACY = "ws.joblib"  # the pickle of earlier versions: refused
+# what ws.skops may hold beyond what skops trusts by default: the model, its LFs and the label model's spec
+TRUSTED: tuple[type, ...] = (WSModel, LFSet, PatternLF, VoterLF, LabelModelSpec)
 DEFINITION = "ws_lfs.yaml"
 # The voters a voter LF may read, each loaded from the same bundle by its own service's loader.
 VOTER_LOADERS: tuple[Callable[[Path], VoterCore | None], ...] = (load_regex, load_classical)
@@ -22,7 +25,7 @@ VOTER_LOADERS: tuple[Callable[[Path], VoterCore | None], ...] = (load_regex, loa
 def save(model: WSModel, directory: Path) -> list[str]:
     """Write the fitted model and a readable copy of its LF definitions; returns the file names written."""
     directory.mkdir(parents=True, exist_ok=True)
-    joblib.dump(model, directory / ARTIFACT)
+    dump_skops(model, directory / ARTIFACT)
     record = {
         "version": model.version,
         "method": model.method_,
@@ -39,11 +42,13 @@ def save(model: WSModel, directory: Path) -> list[str]:
 
 
 def load_core(model_dir: Path) -> VoterCore | None:
-    """The bundle's WS model (sha256-verified before unpickling) with the voter cores it reads, or None."""
+    """The bundle's WS model (sha256-verified, rebuilt from skops with an allow-list of types) with the voter cores
+    it reads, or None."""
     manifest = read_manifest(model_dir, verify=False)
+    refuse_pickle(model_dir, manifest, LEGACY)
     if ARTIFACT not in manifest.files:
         return None
-    model = load_joblib(model_dir, ARTIFACT)
+    model = load_skops(model_dir, ARTIFACT, TRUSTED)
     if not isinstance(model, WSModel):
         raise TypeError(f"{model_dir}/{ARTIFACT} does not hold a WSModel")
     model.version = manifest.components.get("ws", model.version)

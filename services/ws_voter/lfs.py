@@ -97,6 +97,19 @@ class PatternLF:
     match_all: bool
     excludes: tuple[re.Pattern[str], ...]
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Plain state (what skops can write): each compiled pattern as its source and flags."""
+        state = dict(self.__dict__)
+        for name in ("patterns", "excludes"):
+            state[name] = [[p.pattern, p.flags] for p in state[name]]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        for name in ("patterns", "excludes"):
+            state[name] = tuple(re.compile(p, flags) for p, flags in state[name])
+        self.__dict__.update(state)  # frozen: set once, here, as the dataclass's own __init__ would
+
     def fires(self, text: str) -> bool:
         """Patterns match (any/all) and no exclusion does: the regex rules' semantics."""
         hits = (p.search(text) for p in self.patterns)

@@ -82,6 +82,32 @@ def lf_summary(L: NDArray[np.int64], y: NDArray[np.int64] | None = None) -> list
     return rows
 
 
+def label_model_state(model: LabelModel) -> dict[str, Any]:
+    """What a fitted independent-LF `LabelModel` predicts from: its cardinality, LF count, μ and class prior."""
+    if model.c_tree.number_of_edges():
+        raise ValueError("only label models without LF dependencies are saved (fit builds no others)")
+    return {
+        "cardinality": int(model.cardinality),
+        "m": int(model.m),
+        "mu": model.mu.detach().cpu().numpy(),  # float32, as fitted
+        "p": np.asarray(model.p, dtype=np.float64),
+    }
+
+
+def label_model_from(state: Mapping[str, Any]) -> LabelModel:
+    """A snorkel `LabelModel` that predicts as the one `label_model_state` was taken from (bit-identical: it is
+    the same model with the same arrays; `fit` left nothing else that `predict_proba` reads)."""
+    import torch
+    from snorkel.labeling.model import LabelModel
+
+    model = LabelModel(cardinality=int(state["cardinality"]), verbose=False)
+    model.m = int(state["m"])
+    model.p = np.asarray(state["p"], dtype=np.float64)
+    model.mu = torch.nn.Parameter(torch.from_numpy(np.array(state["mu"])))
+    model._create_tree()  # noqa: SLF001 - snorkel's own set-up of the clique tree for independent LFs
+    return model
+
+
 class WSModel(VoterCore):
     """Labeling functions combined by a Snorkel LabelModel or by majority vote, whichever was better."""
 
@@ -210,14 +236,20 @@ class WSModel(VoterCore):
         return out
 
     def __getstate__(self) -> dict[str, Any]:
+        """Plain state (what skops can write): the label model as its fitted arrays, not a torch module."""
         state = dict(self.__dict__)
         state["sources_"] = []  # other voters' cores belong to their own artifacts
         del state["_lock"]
         state.pop("_fast", None)  # rebuilt from the label model when first needed
+        lm = state.pop("label_model_")
+        state["label_model_state_"] = None if lm is None else label_model_state(lm)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        fitted = state.pop("label_model_state_")
         self.__dict__.update(state)
+        self.label_model_ = None if fitted is None else label_model_from(fitted)
         self._lock = threading.Lock()
 
     def _fit_label_model(self, L: NDArray[np.int64]) -> LabelModel | None:

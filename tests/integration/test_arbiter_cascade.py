@@ -13,11 +13,11 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-import joblib
 import numpy as np
 import pytest
 from flockwatch.arbiter.app import ArbiterService
 from flockwatch.arbiter.config import CascadeConfig
+from flockwatch.arbiter.conformal import save_sets
 from flockwatch.arbiter.fit import fit_policy
 from flockwatch.arbiter.settings import ArbiterSettings
 from flockwatch.common import topics
@@ -50,7 +50,7 @@ def bundle(out: Path, cascade: CascadeConfig, data: Data) -> Path:
     policy = fit_policy(train, y_train, cal, y_cal, CLASSES, HARM, config, version="cascade-test")
     assert all(r > 0 for r in policy.calibration_report["risk"]["reach"]), "the fixture must use every tier"
     (out / "arbiter.json").write_text(json.dumps(policy.to_dict()))
-    joblib.dump(policy.sets, out / "conformal.joblib")
+    save_sets(policy.sets, out)
     write_manifest(out, Manifest(name="cascade", version="1"))
     return out
 

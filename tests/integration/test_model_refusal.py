@@ -32,11 +32,11 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
 
 def tampered_copy(bundle: Path, to: Path) -> Path:
     """The bundle with one changed byte (or line) in each file a service loads; every file stays valid YAML,
-    JSON or a pickle, only its sha256 no longer matches the manifest."""
+    JSON or skops, only its sha256 no longer matches the manifest."""
     shutil.copytree(bundle, to)
     for name in ("rules.yaml", "labels.yaml"):
         (to / name).write_text((to / name).read_text() + "\n# changed after training\n")
-    with (to / "classical.joblib").open("ab") as fh:
+    with (to / "classical.skops").open("ab") as fh:
         fh.write(b"\0")
     (to / "arbiter.json").write_text((to / "arbiter.json").read_text() + "\n")
     return to

@@ -17,7 +17,7 @@ import joblib
 import pytest
 import redis.asyncio as aioredis
 from flockwatch.cli.runtime import build
-from flockwatch.common.artifacts import Manifest, manifest_sha256, write_manifest
+from flockwatch.common.artifacts import Manifest, dump_skops, manifest_sha256, write_manifest
 from flockwatch.common.events import ModelPublished
 from flockwatch.common.service import Service, VoterService
 from flockwatch.gateway.cache import PredictionCache
@@ -39,6 +39,16 @@ class Detonator:
 
     def __reduce__(self) -> tuple[Callable[..., Any], tuple[str]]:
         return (os.makedirs, (str(self.marker),))
+
+
+class Rebuilt:
+    """Rebuilt from a skops file (were its type trusted), it makes a directory."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __setstate__(self, state: dict[str, str]) -> None:
+        os.makedirs(state["marker"])
 
 
 def hostile_bundle(directory: Path, marker: Path) -> Path:
@@ -159,6 +169,34 @@ async def test_a_bundle_outside_the_models_root_is_refused_by_every_service_and_
     assert s.reactions == {name: [] for name in REACTING}
     assert s.cache.versions == versions and s.cache._purge is None  # nothing switched, nothing purged
     assert set(refusals(caplog)) == set(REACTING)
+
+
+@pytest.mark.parametrize("file", ["classical.joblib", "classical.skops"])
+async def test_a_hostile_bundle_under_the_models_root_runs_no_code_in_the_voter_that_loads_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, file: str
+) -> None:
+    """Past every announcement check (under the root, consistent, no key set): the classical voter's real loader
+    still runs nothing from the bundle. A pickle is refused by name; a skops file naming a type outside the
+    voter's allow-list is refused before anything in it is constructed. The voter keeps its model."""
+    caplog.set_level(logging.ERROR)
+    marker = tmp_path / "code-ran"
+    model_dir = models_root(tmp_path)
+    evil = model_dir.parent / "evil-1"
+    if file.endswith(".joblib"):
+        hostile_bundle(evil, marker)
+    else:
+        evil.mkdir()
+        dump_skops(Rebuilt(marker), evil / file)
+        write_manifest(evil, Manifest(name="sms", version="evil-1", components={**VERSIONS, "classical": "evil"}))
+    async with stack(model_dir, monkeypatch) as s:
+        voter = s.services["classical_voter"]
+        before = voter.core
+        await deliver(s, announce(evil, "classical_voter"))
+        assert voter.core is before
+    assert not marker.exists()
+    assert s.reactions["classical_voter"] == [evil]  # it did try: the loader is what refused
+    reason = "is a pickle" if file.endswith(".joblib") else "outside its allow-list"
+    assert any(reason in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
 async def test_a_symlink_under_the_models_root_that_leads_outside_is_refused(

@@ -76,7 +76,8 @@ def test_weights_round_trip_gives_identical_probabilities(
 ) -> None:
     from safetensors.torch import load, save
 
-    info = {"params": {**TINY, "threads": None}, "classes": model.classes_, "temperature": 1.7}
+    # the same torch threads on both sides: another count sums in another order (differences of ~1e-8)
+    info = {"params": {**TINY}, "classes": model.classes_, "temperature": 1.7}
     for dtype in ("float32", "float16"):
         source = copy.deepcopy(model).round_weights(dtype)  # as the trainer stores it
         source.temperature_ = 1.7

@@ -129,16 +129,24 @@ def test_lf_summary_matches_snorkel_lf_analysis() -> None:
         assert row["accuracy"] == pytest.approx(expected["Emp. Acc."])
 
 
-def test_save_and_load_round_trip_through_a_verified_bundle(tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", [LABEL_MODEL, "majority"])
+def test_save_and_load_round_trip_through_a_verified_bundle(tmp_path: Path, method: str) -> None:
+    """Written as skops (no pickle), the model predicts as it did: the label model's own `predict_proba` too."""
     texts, y = toy_texts()
-    model = WSModel.fit(texts, LABELS, build_lfs(LABELS, RULES, SPEC.model_copy(update={"voters": []})), y=y)
-    assert save(model, tmp_path) == ["ws.joblib", "ws_lfs.yaml"]
+    lfs = build_lfs(LABELS, RULES, SPEC.model_copy(update={"voters": [], "model": method}))
+    model = WSModel.fit(texts, LABELS, lfs, y=y)
+    assert model.method_ == method and model.label_model_ is not None
+    assert save(model, tmp_path) == ["ws.skops", "ws_lfs.yaml"]
     write_manifest(tmp_path, Manifest(name="toy", version="v1", components={"ws": "ws-v1"}))
     loaded = load_core(tmp_path)
     assert isinstance(loaded, WSModel) and loaded.version == "ws-v1"
     assert loaded.predict(texts) == model.predict(texts)
-    (tmp_path / "ws.joblib").write_bytes(b"tampered")
-    with pytest.raises(ArtifactError, match="ws.joblib"):
+    L = model.label_matrix(texts, None)
+    assert loaded.label_model_ is not None
+    np.testing.assert_array_equal(loaded.label_model_.predict_proba(L), model.label_model_.predict_proba(L))
+    assert [lf.patterns for lf in loaded.lfs.patterns] == [lf.patterns for lf in lfs.patterns]
+    (tmp_path / "ws.skops").write_bytes(b"tampered")
+    with pytest.raises(ArtifactError, match="ws.skops"):
         load_core(tmp_path)
 
 
