@@ -1,7 +1,7 @@
 """The embedding voter's core: sentence embeddings (batched, cached by text hash) → a calibrated linear head.
 
 The encoder is any function from a batch of texts to an (n, d) array; `encoder.py` builds one from a local
-sentence-transformers folder. Only the head is fitted (and pickled): the encoder is fixed. The fine-tuned
+sentence-transformers folder. Only the head is fitted (and saved, as skops): the encoder is fixed. The fine-tuned
 option (`finetune.py`) plugs in here too: its "embedding" is the fine-tuned network's logits (cached the same
 way) and its head is a `TemperatureHead`.
 """
