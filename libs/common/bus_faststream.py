@@ -297,6 +297,7 @@ class FastStreamBus(Bus):
             self.broker: KafkaBroker | RedisBroker | NatsBroker = KafkaBroker(
                 kafka_bootstrap(url),
                 client_id=f"flockwatch-{self.settings.instance_id}",
+                security=kafka_config.security(self.settings),
                 **kafka_config.PRODUCER,
                 **QUIET,
             )

@@ -7,8 +7,9 @@ them, and a killed consumer's partitions move after its session (6 s). Two knobs
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from faststream import AckPolicy
@@ -16,6 +17,9 @@ from faststream.kafka.schemas import Topic
 from flockwatch.common import topics
 from flockwatch.common.bus import Route
 from flockwatch.common.settings import CommonSettings
+
+if TYPE_CHECKING:
+    from faststream.security import BaseSecurity
 
 # Every message is keyed by its text id, and every topic has the same partition count, so one text's
 # texts, votes, requests and decision sit on the same partition number of each topic (Kafka's default
@@ -77,6 +81,20 @@ def consumer_options(route: Route[Any], group: str, settings: CommonSettings) ->
     }
 
 
+def security(settings: CommonSettings) -> BaseSecurity | None:
+    """FastStream's security object for the Kafka client of `settings` (SASL and/or TLS), or None: plaintext."""
+    from faststream.security import BaseSecurity, SASLPlaintext, SASLScram256, SASLScram512
+
+    tls = ssl.create_default_context(cafile=settings.kafka_ca_file) if settings.kafka_tls else None
+    if settings.kafka_sasl_mechanism is None:
+        return BaseSecurity(ssl_context=tls, use_ssl=True) if tls else None
+    assert settings.kafka_username is not None and settings.kafka_password is not None  # the settings check it
+    kind = {"PLAIN": SASLPlaintext, "SCRAM-SHA-256": SASLScram256, "SCRAM-SHA-512": SASLScram512}
+    return kind[settings.kafka_sasl_mechanism](
+        settings.kafka_username, settings.kafka_password.get_secret_value(), ssl_context=tls, use_ssl=tls is not None
+    )
+
+
 async def create_topics(bootstrap: str | list[str], names: Iterable[str] = topics.ALL) -> None:
     """Create the topics that are missing, `PARTITIONS` partitions each (as compose's kafka-init does)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="flockwatch-admin")
@@ -90,4 +108,4 @@ async def create_topics(bootstrap: str | list[str], names: Iterable[str] = topic
         await admin.close()
 
 
-__all__ = ["PARTITIONS", "consumer_options", "create_topics", "topic"]
+__all__ = ["PARTITIONS", "consumer_options", "create_topics", "security", "topic"]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
 from flockwatch.common.tokens import valid_rate
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 BUS_SCHEMES = ("memory", "kafka", "redis", "rediss", "nats")
@@ -64,6 +64,22 @@ class CommonSettings(BaseSettings):
         le=10_000,
         description="Kafka: longest the broker holds a fetch while no data comes; Kafka answers as soon as data "
         "arrives, so this only bounds idle polling; Tansu answers multi-partition fetches only then (use 5).",
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None,
+        description="Kafka: authenticate to the broker with SASL (needs KAFKA_USERNAME and KAFKA_PASSWORD); unset: "
+        "no authentication (a broker reachable by others then takes anyone's messages, signed or not).",
+    )
+    kafka_username: str | None = Field(None, description="Kafka: the SASL user.")
+    kafka_password: SecretStr | None = Field(None, description="Kafka: the SASL user's password.")
+    kafka_tls: bool = Field(
+        False,
+        description="Kafka: connect over TLS (SASL_SSL with a mechanism, else SSL), verifying the broker's "
+        "certificate against KAFKA_CA_FILE or the system's CAs. Without it SASL runs in the clear (SASL_PLAINTEXT): "
+        "PLAIN then sends the password readable on the wire; use it only on a private network.",
+    )
+    kafka_ca_file: Path | None = Field(
+        None, description="Kafka with TLS: the CA bundle (PEM) the broker's is signed by."
     )
     state_url: str | None = Field(
         None, description="Redis URL for shared state (arbiter joins, decisions); default: the bus if Redis."
@@ -153,6 +169,19 @@ class CommonSettings(BaseSettings):
         if "://" not in url or scheme not in BUS_SCHEMES:
             raise ValueError(f"bus_url must start with one of {', '.join(s + '://' for s in BUS_SCHEMES)}")
         return url
+
+    @model_validator(mode="after")
+    def _kafka_credentials(self) -> Self:
+        given = [self.kafka_username is not None, self.kafka_password is not None]
+        if self.kafka_sasl_mechanism and not all(given):
+            raise ValueError("kafka_sasl_mechanism needs kafka_username and kafka_password")
+        if any(given) and not self.kafka_sasl_mechanism:
+            raise ValueError(
+                "kafka_username/kafka_password given without kafka_sasl_mechanism (PLAIN, SCRAM-SHA-256, …)"
+            )
+        if self.kafka_ca_file is not None and not self.kafka_tls:
+            raise ValueError("kafka_ca_file is for TLS: set kafka_tls=true too")
+        return self
 
     @property
     def bus_scheme(self) -> str:

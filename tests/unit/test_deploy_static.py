@@ -215,6 +215,31 @@ def test_kafka_init_creates_every_topic(services: dict[str, dict[str, Any]]) -> 
     assert "--partitions 6" in script
 
 
+def test_kafka_requires_sasl_and_every_client_authenticates(services: dict[str, dict[str, Any]]) -> None:
+    """Every listener a client can reach is SASL (PLAIN, one user whose password comes from .env); every
+    Flockwatch service, the healthcheck and kafka-init authenticate with it."""
+    kafka = services["kafka"]["environment"]
+    protocols = dict(pair.split(":") for pair in kafka["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
+    listeners = [entry.split("://")[0] for entry in kafka["KAFKA_ADVERTISED_LISTENERS"].split(",")]
+    password = "${FLOCKWATCH_KAFKA_PASSWORD:?"
+    for name in listeners:
+        assert protocols[name] == "SASL_PLAINTEXT", name
+        jaas = kafka[f"KAFKA_LISTENER_NAME_{name}_PLAIN_SASL_JAAS_CONFIG"]
+        assert f'user_flockwatch="{password}' in jaas and f'username="flockwatch" password="{password}' in jaas
+    assert "CONTROLLER" not in listeners and kafka["KAFKA_SASL_ENABLED_MECHANISMS"] == "PLAIN"
+    for name, service in _ours(services).items():
+        env = service.get("environment", {})
+        if env.get("FLOCKWATCH_BUS_URL", "").startswith("kafka://"):
+            assert env["FLOCKWATCH_KAFKA_SASL_MECHANISM"] == "PLAIN", name
+            assert env["FLOCKWATCH_KAFKA_USERNAME"] == "flockwatch", name
+            assert env["FLOCKWATCH_KAFKA_PASSWORD"].startswith(password), name
+    for script in (services["kafka"]["healthcheck"]["test"][-1], services["kafka-init"]["command"][0]):
+        assert "--command-config /tmp/client.properties" in script and "sasl.mechanism=PLAIN" in script
+        assert "$$CLIENT_PASSWORD" in script
+    assert services["kafka-init"]["environment"]["CLIENT_PASSWORD"].startswith(password)
+    assert kafka["CLIENT_PASSWORD"].startswith(password)
+
+
 def test_feedback_service_reaches_the_compose_postgres_and_publishes_its_port(
     services: dict[str, dict[str, Any]],
 ) -> None:
