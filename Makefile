@@ -21,19 +21,20 @@ $(VENV)/.installed: pyproject.toml
 data: install
 	$(FW) data --out data
 
-models/sms/current/manifest.json: | data
+# the target is a file every bundle of this version has: a bundle of an earlier version (pickles) is retrained
+models/sms/current/conformal.skops: | data
 	$(FW) train --data data/sms.csv --out models/sms --labels configs/sms/labels.yaml --rules configs/sms/rules.yaml \
 		--slices configs/sms/slices.yaml --conformal configs/sms/conformal.yaml --lfs configs/sms/lfs.yaml --test-frac 0.25 \
 		--must-catch configs/sms/must_catch.csv
 
-models: models/sms/current/manifest.json
+models: models/sms/current/conformal.skops
 
 # both bundled tasks, each with its own configs and the trainer's held-out quarter (what eval-all evaluates on)
-models/trec/current/manifest.json: | data
+models/trec/current/conformal.skops: | data
 	$(FW) train --data data/trec.csv --out models/trec --labels configs/trec/labels.yaml --rules configs/trec/rules.yaml \
 		--slices configs/trec/slices.yaml --conformal configs/trec/conformal.yaml --lfs configs/trec/lfs.yaml --test-frac 0.25
 
-train-all: models models/trec/current/manifest.json
+train-all: models models/trec/current/conformal.skops
 
 eval-all: train-all
 	$(FW) eval --models models/sms/current --data data/sms.csv --test-frac 0.25 --out reports/sms
@@ -83,12 +84,12 @@ bench-throughput: models models-finetune
 		--topologies redis_cohosted \
 		--out benchmarks/results/throughput-encoder.json
 
-models/sms-finetune/current/manifest.json: | data
+models/sms-finetune/current/conformal.skops: | data
 	$(FW) train --data data/sms.csv --out models/sms-finetune --labels configs/sms/labels.yaml --rules configs/sms/rules.yaml \
 		--slices configs/sms/slices.yaml --conformal configs/sms/conformal.yaml --lfs configs/sms/lfs.yaml --finetune \
 		--test-frac 0.25
 
-models-finetune: models/sms-finetune/current/manifest.json
+models-finetune: models/sms-finetune/current/conformal.skops
 
 # the ten-line baseline vs the ensemble on the bundled sets as separate 60/40 train/test files, three seeds,
 # default (fine-tuned MiniLM) and frozen MiniLM (about an hour on 2 cores); then the 1 % guarantee over 20
