@@ -16,10 +16,11 @@ LEGACY = "classical.joblib"  # the pickle of earlier versions: refused
 
 def trusted_types() -> list[type]:
     """What a classical.skops may hold beyond what skops trusts by default (scikit-learn's estimators)."""
-    from sklearn.calibration import _CalibratedClassifier
+    from sklearn.calibration import _CalibratedClassifier, _SigmoidCalibration
     from sklearn.model_selection import StratifiedKFold
 
-    return [ClassicalModel, _CalibratedClassifier, StratifiedKFold]
+    # sigmoid or isotonic calibration (IsotonicRegression is public, trusted by skops already)
+    return [ClassicalModel, _CalibratedClassifier, _SigmoidCalibration, StratifiedKFold]
 
 
 def save(model: ClassicalModel, directory: Path) -> str:

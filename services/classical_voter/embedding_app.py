@@ -71,10 +71,11 @@ class EmbeddingCore(VoterCore):
 
 def head_types() -> list[type]:
     """What embedding.skops may hold beyond what skops trusts by default (scikit-learn's estimators)."""
-    from sklearn.calibration import _CalibratedClassifier
+    from sklearn.calibration import _CalibratedClassifier, _SigmoidCalibration
     from sklearn.model_selection import StratifiedKFold
 
-    return [EmbeddingHead, _CalibratedClassifier, StratifiedKFold]
+    # sigmoid or isotonic calibration (IsotonicRegression is public, trusted by skops already)
+    return [EmbeddingHead, _CalibratedClassifier, _SigmoidCalibration, StratifiedKFold]
 
 
 def save(model: EmbeddingModel, encoder: dict[str, Any], directory: Path, report: dict[str, Any]) -> list[str]:

@@ -1,8 +1,11 @@
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
+from flockwatch.classical_voter.app import load_core, save
 from flockwatch.classical_voter.model import ClassicalModel, TrainingDataError
+from flockwatch.common.artifacts import Manifest, write_manifest
 from sklearn.exceptions import NotFittedError
 
 VOCAB = {
@@ -76,6 +79,21 @@ def test_pickle_roundtrip_keeps_probabilities(model: ClassicalModel) -> None:
     restored = pickle.loads(pickle.dumps(model))
     for voter, p in model.predict_proba_all(texts).items():
         np.testing.assert_array_equal(restored.predict_proba_all(texts)[voter], p)
+
+
+@pytest.mark.parametrize("calibration", ["sigmoid", "isotonic"])
+def test_a_bundle_round_trip_through_skops_keeps_probabilities(
+    data: tuple[list[str], list[str]], calibration: str, tmp_path: Path
+) -> None:
+    """Either calibration (sigmoid: a private scikit-learn type on the voter's allow-list) loads from skops."""
+    fitted = ClassicalModel(calibration=calibration).fit(*data)
+    save(fitted, tmp_path)
+    write_manifest(tmp_path, Manifest(name="t", version="v1"))
+    core = load_core(tmp_path)
+    assert core is not None
+    texts = ["bake a salad", "cloud chip", "the coach", ""]
+    for voter, p in fitted.predict_proba_all(texts).items():
+        np.testing.assert_array_equal(core.model.predict_proba_all(texts)[voter], p)
 
 
 def test_calibration_choice_is_recorded_per_model(model: ClassicalModel) -> None:
