@@ -65,7 +65,17 @@ VARIANTS: dict[str, Variant] = {
     "current": lambda kw: kw,
     "no-temperature": lambda kw: {**kw, "serve_temperature": False},
     "temperature": lambda kw: {**kw, "serve_temperature": True},
+    "no-blend": lambda kw: kw,  # the rule before the blend: simplest first among the others (see PATCHES)
 }
+
+
+def _without_blend(select: Any) -> Callable[..., Any]:
+    real = select.candidates
+    return lambda *args, **kwargs: {n: f for n, f in real(*args, **kwargs).items() if n != "blend"}
+
+
+# Variants that swap an attribute of `flockwatch.arbiter.select` for the fit: attribute → its value there.
+PATCHES: dict[str, tuple[str, Callable[[Any], Any]]] = {"no-blend": ("candidates", _without_blend)}
 
 
 def score(record: dict[str, Any], policy: Any) -> dict[str, float]:
@@ -108,9 +118,19 @@ def replay(directory: Path, variants: list[str]) -> list[dict[str, Any]]:
         record = pickle.load(fh)  # noqa: S301 - our own capture file
     args, kwargs = record["calls"][-1]
     rows = []
+    from flockwatch.arbiter import select
+
     for name in variants:
-        policy = fit_policy(*args, **VARIANTS[name](dict(kwargs)))
-        rows.append({"capture": directory.name, "variant": name, **score(record, policy)})
+        attribute, value = PATCHES.get(name, (None, None))
+        real = getattr(select, attribute) if attribute else None
+        if attribute and value:
+            setattr(select, attribute, value(select))
+        try:
+            policy = fit_policy(*args, **VARIANTS[name](dict(kwargs)))
+        finally:
+            if attribute:
+                setattr(select, attribute, real)
+        rows.append({"capture": f"{directory.parent.name}/{directory.name}", "variant": name, **score(record, policy)})
     return rows
 
 
@@ -138,16 +158,33 @@ def candidates_table(directory: Path) -> list[dict[str, Any]]:
     rows = []
     for name, make in made.items():
         fitted = make().fit(oof, y, k)
+        p_test = fitted.predict_proba(test)
+        scaled = fitted.scale(select.oof_temperature(probs[name], y)).predict_proba(test)
         rows.append(
             {
-                "capture": directory.name,
+                "capture": directory.parent.name + "/" + directory.name,
                 "candidate": name,
                 "oof_f1": select.macro_f1(y, select.answers(probs[name]), k),
                 "se": scores[name]["se"],
-                "test_f1": select.macro_f1(y_test, select.answers(fitted.predict_proba(test)), k),
+                "test_f1": select.macro_f1(y_test, select.answers(p_test), k),
+                "ece": top_label_ece(p_test, y_test),
+                "ece_t": top_label_ece(scaled, y_test),
             }
         )
     return rows
+
+
+def top_label_ece(p: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error of the top class, equal-width bins."""
+    conf, top = p.max(axis=1), p.argmax(axis=1)
+    which = np.minimum((conf * bins).astype(int), bins - 1)
+    return float(
+        sum(
+            abs((top[which == b] == y[which == b]).mean() - conf[which == b].mean()) * (which == b).mean()
+            for b in range(bins)
+            if (which == b).any()
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -165,12 +202,12 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("dirs", nargs="+", type=Path)
     args = ap.parse_args(argv)
     if args.command == "candidates":
-        print("capture            candidate                 oof_f1      se   test_f1")
+        print("capture            candidate                 oof_f1      se   test_f1     ece   ece_t")
         for directory in args.dirs:
             for row in candidates_table(directory):
                 print(
                     f"{row['capture']:<18} {row['candidate']:<24} "
-                    f"{row['oof_f1']:7.4f} {row['se']:7.4f} {row['test_f1']:9.4f}"
+                    f"{row['oof_f1']:7.4f} {row['se']:7.4f} {row['test_f1']:9.4f} {row['ece']:7.4f} {row['ece_t']:7.4f}"
                 )
         return
     if args.command == "capture":

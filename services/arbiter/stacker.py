@@ -57,8 +57,9 @@ class Stacker(ClassifierMixin, BaseEstimator):
 
     `kind` "logistic": multinomial logistic regression (`C`, `class_weight`); "pool": a weighted log-linear
     pool (one weight per voter on its log-probabilities, plus class intercepts); "pool" with `only` set:
-    that one voter, temperature-scaled. All three are the same linear map on the same features, so the
-    service runs any of them unchanged; `select.py` chooses between them by out-of-fold macro-F1.
+    that one voter, temperature-scaled; "blend": both fitted, their logits averaged (a geometric mean of the
+    two combiners' probabilities). All are the same linear map on the same features, so the service runs any
+    of them unchanged; `select.py` chooses between them by out-of-fold macro-F1.
 
     `dropout` is the chance each present voter is hidden in each of `n_copies` extra copies of the
     training rows; `rare` voters (asked only sometimes, like the LLM) are hidden with `rare_dropout`.
@@ -107,8 +108,13 @@ class Stacker(ClassifierMixin, BaseEstimator):
             self.coef_, self.intercept_ = self._logistic(x, y_all)
         elif self.kind == "pool":
             self.coef_, self.intercept_ = self._pool(x, y_all, len(voters))
+        elif self.kind == "blend":  # the mean of both combiners' logits: still one linear map on the features
+            if self.only is not None:
+                raise ValueError("a blend combines every voter: `only` must be None")
+            (pool_coef, pool_b), (lr_coef, lr_b) = self._pool(x, y_all, len(voters)), self._logistic(x, y_all)
+            self.coef_, self.intercept_ = (pool_coef + lr_coef) / 2, (pool_b + lr_b) / 2
         else:
-            raise ValueError(f"kind must be 'logistic' or 'pool', not {self.kind!r}")
+            raise ValueError(f"kind must be 'logistic', 'pool' or 'blend', not {self.kind!r}")
         return self
 
     def _pool(self, x: Array, y: NDArray[np.int64], m: int) -> tuple[Array, Array]:

@@ -145,6 +145,30 @@ def test_pool_and_single_voter_combiners_round_trip_as_plain_stackers() -> None:
     assert (alone.argmax(axis=1) == votes["good"].argmax(axis=1)).mean() > 0.95  # intercepts may shift a near tie
 
 
+def test_the_blend_is_the_mean_of_the_pool_and_the_stacker_in_logits_and_round_trips() -> None:
+    votes, y = synthetic(600, seed=5)
+    blend = Stacker(kind="blend").fit(votes, y, 3)
+    pool, stacker = Stacker(kind="pool").fit(votes, y, 3), Stacker(kind="logistic").fit(votes, y, 3)
+    mean = (np.log(pool.predict_proba(votes)) + np.log(stacker.predict_proba(votes))) / 2
+    np.testing.assert_allclose(blend.predict_proba(votes), softmax(mean, axis=1), atol=1e-9)
+    again = Stacker.from_dict(blend.to_dict())
+    np.testing.assert_allclose(again.predict_proba(votes), blend.predict_proba(votes))
+    with pytest.raises(ValueError, match="only"):
+        Stacker(kind="blend", only="good").fit(votes, y, 3)
+
+
+def test_the_blend_is_the_default_within_one_standard_error() -> None:
+    """The blend comes first in the rule's order: chosen unless another candidate's out-of-fold macro-F1 is more
+    than one standard error ahead, or it is below the best voter's (then the best candidate wins)."""
+    votes, y = synthetic(1500, seed=6)
+    chosen = select_combiner(votes, y, 3, fold_ids(y, 5), Stacker())
+    assert list(chosen.scores)[0] == "blend"
+    best = max(s["macro_f1"] for s in chosen.scores.values())
+    blend = chosen.scores["blend"]
+    floor = max(s["macro_f1"] for n, s in chosen.scores.items() if n.startswith("voter:"))
+    assert (chosen.name == "blend") == (blend["macro_f1"] >= best - blend["se"] and blend["macro_f1"] >= floor)
+
+
 def test_crossfitted_calibration_holds_the_target_on_new_texts_in_most_draws() -> None:
     """The guarantee of cross-fitted calibration is approximate: checked over draws (the real sets: quality.py)."""
     exceed, coverage = [], []
