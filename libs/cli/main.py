@@ -246,7 +246,7 @@ def evaluate(
             task = bar.add_task("loading", total=len(REPORT_STEPS) + 2)
             metrics = run_eval(
                 models, dataset, out, slices, mode, lambda step: bar.update(task, description=step, advance=1)
-            )  # type: ignore[arg-type]
+            )
     except (DataError, ConfigError, ArtifactError, ValueError) as exc:
         _fail(exc)
     _print_metrics(metrics)

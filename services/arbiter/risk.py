@@ -86,7 +86,7 @@ class Stage:
             z = np.log(np.clip(p, 1e-12, 1.0)) / temperature
             e = np.exp(z - z.max(axis=1, keepdims=True))
             expected = np.where(voted, (e / e.sum(axis=1, keepdims=True))[np.arange(len(p)), pred], 0.0)
-        return cls(np.where(voted, p.max(axis=1), 0.0), pred, single, expected)
+        return cls(np.where(voted, p.max(axis=1), 0.0), pred, np.asarray(single, dtype=bool), expected)
 
     @property
     def chance(self) -> Array:

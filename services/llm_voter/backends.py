@@ -185,7 +185,7 @@ class VLLMBackend:
     def _request(self, text: str) -> Any:
         return self.client.chat.completions.create(
             model=self.model,
-            messages=self.prompt.messages(text),  # type: ignore[arg-type]
+            messages=self.prompt.messages(text),
             max_tokens=1,
             temperature=0.0,
             logprobs=True,
@@ -196,7 +196,9 @@ class VLLMBackend:
     def parse(self, response: Any) -> list[float] | None:
         """Answer-word log-probabilities from a chat completion; None when the answer is not usable."""
         choice = response.choices[0] if response.choices else None
-        content = choice.logprobs.content if choice is not None and choice.logprobs is not None else None
+        if choice is None or choice.logprobs is None:
+            return None
+        content = choice.logprobs.content
         if not content or (choice.message.content or "").strip() not in self.prompt.all_words:
             return None
         top = {t.token.strip(): t.logprob for t in content[0].top_logprobs}

@@ -206,7 +206,7 @@ def train_lora(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with quiet():
-        model.save_pretrained(out_dir / ADAPTER_DIR)
+        model.save_pretrained(str(out_dir / ADAPTER_DIR))
     result = LoraResult(
         out_dir=out_dir,
         train_seconds=round(train_seconds, 1),
