@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flockwatch.common.metrics import expected_calibration_error
 
 CAPTURE = "capture.pkl"
 
@@ -78,6 +79,18 @@ def _without_blend(select: Any) -> Callable[..., Any]:
 PATCHES: dict[str, tuple[str, Callable[[Any], Any]]] = {"no-blend": ("candidates", _without_blend)}
 
 
+def load(directory: Path) -> dict[str, Any]:
+    """A capture written by `capture`."""
+    with (directory / CAPTURE).open("rb") as fh:
+        record: dict[str, Any] = pickle.load(fh)  # noqa: S301 - our own capture file
+    return record
+
+
+def name_of(directory: Path) -> str:
+    """A capture's name in the tables: its set and split folders (e.g. trec/seed0)."""
+    return f"{directory.parent.name}/{directory.name}"
+
+
 def score(record: dict[str, Any], policy: Any) -> dict[str, float]:
     """The policy on the capture's test file, every tier's opinions given (eval's `always`)."""
     from flockwatch.trainer import evaluate
@@ -93,16 +106,10 @@ def score(record: dict[str, Any], policy: Any) -> dict[str, float]:
     y = np.array([classes.index(label) for label in labels])
     top = p.argmax(axis=1)
     answered = np.array([not d.abstain for d in decisions])
-    bins = np.minimum((p.max(axis=1) * 10).astype(int), 9)
-    ece = sum(
-        abs((top[bins == b] == y[bins == b]).mean() - p.max(axis=1)[bins == b].mean()) * (bins == b).mean()
-        for b in range(10)
-        if (bins == b).any()
-    )
     risk = policy.calibration_report["risk"]
     return {
         "macro_f1": float(f1_score(y, top, average="macro")),
-        "ece": float(ece),
+        "ece": expected_calibration_error(p, y),  # as `flockwatch eval` reports it
         "certified": float(risk["coverage"]) if risk.get("certified") else 0.0,
         "coverage": float(answered.mean()),
         "error": float((top[answered] != y[answered]).mean()) if answered.any() else 0.0,
@@ -114,8 +121,7 @@ def replay(directory: Path, variants: list[str]) -> list[dict[str, Any]]:
     """Each variant's policy refitted from the capture's last arbiter fit, scored on its test file."""
     from flockwatch.arbiter.fit import fit_policy
 
-    with (directory / CAPTURE).open("rb") as fh:
-        record = pickle.load(fh)  # noqa: S301 - our own capture file
+    record = load(directory)
     args, kwargs = record["calls"][-1]
     rows = []
     from flockwatch.arbiter import select
@@ -130,7 +136,7 @@ def replay(directory: Path, variants: list[str]) -> list[dict[str, Any]]:
         finally:
             if attribute:
                 setattr(select, attribute, real)
-        rows.append({"capture": f"{directory.parent.name}/{directory.name}", "variant": name, **score(record, policy)})
+        rows.append({"capture": name_of(directory), "variant": name, **score(record, policy)})
     return rows
 
 
@@ -141,8 +147,7 @@ def candidates_table(directory: Path) -> list[dict[str, Any]]:
     from flockwatch.arbiter.stacker import Stacker
     from flockwatch.common.voting import opinions_matrix
 
-    with (directory / CAPTURE).open("rb") as fh:
-        record = pickle.load(fh)  # noqa: S301 - our own capture file
+    record = load(directory)
     args, kwargs = record["calls"][-1]
     oof, y, classes, folds = args[0], np.asarray(args[1]), args[4], np.asarray(kwargs["folds"])
     k = len(classes)
@@ -162,29 +167,16 @@ def candidates_table(directory: Path) -> list[dict[str, Any]]:
         scaled = fitted.scale(select.oof_temperature(probs[name], y)).predict_proba(test)
         rows.append(
             {
-                "capture": directory.parent.name + "/" + directory.name,
+                "capture": name_of(directory),
                 "candidate": name,
                 "oof_f1": select.macro_f1(y, select.answers(probs[name]), k),
                 "se": scores[name]["se"],
                 "test_f1": select.macro_f1(y_test, select.answers(p_test), k),
-                "ece": top_label_ece(p_test, y_test),
-                "ece_t": top_label_ece(scaled, y_test),
+                "ece": expected_calibration_error(p_test, y_test),
+                "ece_t": expected_calibration_error(scaled, y_test),
             }
         )
     return rows
-
-
-def top_label_ece(p: np.ndarray, y: np.ndarray, bins: int = 10) -> float:
-    """Expected calibration error of the top class, equal-width bins."""
-    conf, top = p.max(axis=1), p.argmax(axis=1)
-    which = np.minimum((conf * bins).astype(int), bins - 1)
-    return float(
-        sum(
-            abs((top[which == b] == y[which == b]).mean() - conf[which == b].mean()) * (which == b).mean()
-            for b in range(bins)
-            if (which == b).any()
-        )
-    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,9 +14,8 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 MANIFEST = "manifest.json"
-# Files of this kind run code when loaded (pickle). Bundles hold none: fitted objects are skops files, loaded with
-# an allow-list of the types they may contain (`load_skops`); weights are safetensors; the rest is JSON or YAML.
-PICKLE_SUFFIXES = (".joblib", ".pkl", ".pickle")
+# Bundles hold no pickles (they run code when loaded): fitted objects are skops files, loaded with an allow-list of
+# the types they may contain (`load_skops`); weights are safetensors; the rest is JSON or YAML.
 
 
 class ArtifactError(RuntimeError):
@@ -170,6 +169,7 @@ def load_skops(directory: Path, rel: str, trusted: Iterable[type | str]) -> Any:
     skops_io = _skops_io()
     from skops.io.exceptions import UntrustedTypesFoundException
 
+    _refuse_pickle(directory, read_manifest(directory, verify=False), rel)
     file = verified_file(directory, rel)
     allowed = sorted({t if isinstance(t, str) else type_name(t) for t in trusted})
     try:
@@ -184,8 +184,20 @@ def load_skops(directory: Path, rel: str, trusted: Iterable[type | str]) -> Any:
         raise ArtifactError(f"{directory}/{rel}: not a readable skops file ({type(exc).__name__}: {exc})") from exc
 
 
-def refuse_pickle(directory: Path, manifest: Manifest, legacy: str) -> None:
-    """Refuse a bundle that holds `legacy`, a pickle written by an earlier version (pickles run code on load)."""
+def pickle_of(name: str) -> str:
+    """The pickle an earlier version wrote where the skops file `name` is now: the same stem, `.joblib`."""
+    return str(Path(name).with_suffix(".joblib"))
+
+
+def has_skops(directory: Path, manifest: Manifest, name: str) -> bool:
+    """Whether the bundle holds the skops file `name`; one that holds its pickle instead (an earlier version's
+    bundle) is refused, rather than taken for a bundle without that part."""
+    _refuse_pickle(directory, manifest, name)
+    return name in manifest.files
+
+
+def _refuse_pickle(directory: Path, manifest: Manifest, name: str) -> None:
+    legacy = pickle_of(name)
     if legacy in manifest.files:
         raise ArtifactError(
             f"{directory}: {legacy} is a pickle (bundles of earlier versions); pickles are not loaded because they "

@@ -218,7 +218,6 @@ def _fallbacks(key: Key) -> list[Key]:
 
 
 CALIBRATORS = "conformal.skops"  # the fitted sets of every plan, by plan name
-LEGACY_CALIBRATORS = "conformal.joblib"  # the pickle of earlier versions: refused
 
 
 def trusted_types() -> list[type]:
@@ -247,9 +246,8 @@ def save_sets(sets: dict[str, MondrianSets], directory: Path) -> str:
 
 def load_sets(directory: Path) -> dict[str, MondrianSets]:
     """A verified bundle's fitted sets (rebuilt from skops with an allow-list of types; a pickle is refused)."""
-    from flockwatch.common.artifacts import ArtifactError, load_skops, read_manifest, refuse_pickle
+    from flockwatch.common.artifacts import ArtifactError, load_skops
 
-    refuse_pickle(directory, read_manifest(directory, verify=False), LEGACY_CALIBRATORS)
     sets = load_skops(directory, CALIBRATORS, trusted_types())
     if not isinstance(sets, dict) or not all(isinstance(s, MondrianSets) for s in sets.values()):
         raise ArtifactError(f"{directory}/{CALIBRATORS} does not hold the fitted sets of each plan")

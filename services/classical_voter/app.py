@@ -6,21 +6,25 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from flockwatch.classical_voter.model import ClassicalModel
-from flockwatch.common.artifacts import dump_skops, load_skops, read_manifest, refuse_pickle
+from flockwatch.common.artifacts import dump_skops, has_skops, load_skops, read_manifest
 from flockwatch.common.service import VoterCore, VoterService
 from flockwatch.common.voting import Opinion
 
 ARTIFACT = "classical.skops"
-LEGACY = "classical.joblib"  # the pickle of earlier versions: refused
+
+
+def calibration_types() -> list[type]:
+    """What a fitted `CalibratedClassifierCV` holds beyond what skops trusts by default: its per-fold calibrated
+    classifiers, sigmoid or isotonic calibration (IsotonicRegression is public, trusted already), its folds."""
+    from sklearn.calibration import _CalibratedClassifier, _SigmoidCalibration
+    from sklearn.model_selection import StratifiedKFold
+
+    return [_CalibratedClassifier, _SigmoidCalibration, StratifiedKFold]
 
 
 def trusted_types() -> list[type]:
     """What a classical.skops may hold beyond what skops trusts by default (scikit-learn's estimators)."""
-    from sklearn.calibration import _CalibratedClassifier, _SigmoidCalibration
-    from sklearn.model_selection import StratifiedKFold
-
-    # sigmoid or isotonic calibration (IsotonicRegression is public, trusted by skops already)
-    return [ClassicalModel, _CalibratedClassifier, _SigmoidCalibration, StratifiedKFold]
+    return [ClassicalModel, *calibration_types()]
 
 
 def save(model: ClassicalModel, directory: Path) -> str:
@@ -44,8 +48,7 @@ class ClassicalCore(VoterCore):
 def load_core(model_dir: Path) -> ClassicalCore | None:
     """The bundle's classical models (sha256-verified, rebuilt from skops with an allow-list of types), or None."""
     manifest = read_manifest(model_dir, verify=False)
-    refuse_pickle(model_dir, manifest, LEGACY)
-    if ARTIFACT not in manifest.files:
+    if not has_skops(model_dir, manifest, ARTIFACT):
         return None
     model = load_skops(model_dir, ARTIFACT, trusted_types())
     if not isinstance(model, ClassicalModel):

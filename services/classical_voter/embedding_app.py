@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
+from flockwatch.classical_voter.app import calibration_types
 from flockwatch.classical_voter.embedding import (
     VOTER,
     CachedEncoder,
@@ -34,7 +35,6 @@ from flockwatch.common.artifacts import (
     load_json,
     load_skops,
     read_manifest,
-    refuse_pickle,
 )
 from flockwatch.common.bus import Bus
 from flockwatch.common.metrics import expected_calibration_error
@@ -49,7 +49,6 @@ if TYPE_CHECKING:  # torch loads only when a fine-tuned encoder is trained or lo
     from flockwatch.classical_voter.finetune import FinetuneConfig, FineTunedEncoder
 
 ARTIFACT = "embedding.skops"  # the frozen encoder's fitted head only
-LEGACY = "embedding.joblib"  # the pickle of earlier versions: refused
 INFO = "embedding.json"  # voter name, kind, classes, calibration, and the encoder (name, path, sha256, package)
 WEIGHTS = "embedding.safetensors"  # a fine-tuned encoder and its linear head (no pickle)
 FROZEN_BATCH = 32  # texts per forward pass of a frozen sentence-transformers encoder, unless configured
@@ -71,11 +70,7 @@ class EmbeddingCore(VoterCore):
 
 def head_types() -> list[type]:
     """What embedding.skops may hold beyond what skops trusts by default (scikit-learn's estimators)."""
-    from sklearn.calibration import _CalibratedClassifier, _SigmoidCalibration
-    from sklearn.model_selection import StratifiedKFold
-
-    # sigmoid or isotonic calibration (IsotonicRegression is public, trusted by skops already)
-    return [EmbeddingHead, _CalibratedClassifier, _SigmoidCalibration, StratifiedKFold]
+    return [EmbeddingHead, *calibration_types()]
 
 
 def save(model: EmbeddingModel, encoder: dict[str, Any], directory: Path, report: dict[str, Any]) -> list[str]:
@@ -115,7 +110,6 @@ def load_core(
         torch.set_num_threads(settings.embedding_threads)  # process-wide: the voter's forward passes
     if info.get("kind") == "finetuned":
         return _load_finetuned(model_dir, manifest, info, settings, previous)
-    refuse_pickle(model_dir, manifest, LEGACY)
     head = load_skops(model_dir, ARTIFACT, head_types())
     if not isinstance(head, EmbeddingHead):
         raise ArtifactError(f"{model_dir}/{ARTIFACT} does not hold an EmbeddingHead")

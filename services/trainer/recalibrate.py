@@ -13,10 +13,18 @@ from pathlib import Path
 
 import numpy as np
 from flockwatch.arbiter.config import ConformalConfig
-from flockwatch.arbiter.conformal import CALIBRATORS, LEGACY_CALIBRATORS, save_sets
+from flockwatch.arbiter.conformal import CALIBRATORS, save_sets
 from flockwatch.arbiter.fit import fit_policy
 from flockwatch.arbiter.model import harm_weights
-from flockwatch.common.artifacts import MANIFEST, new_version, publish_dir, read_manifest, verified_file, write_manifest
+from flockwatch.common.artifacts import (
+    MANIFEST,
+    new_version,
+    pickle_of,
+    publish_dir,
+    read_manifest,
+    verified_file,
+    write_manifest,
+)
 from flockwatch.common.datasets import Dataset
 from flockwatch.common.labels import LabelConfig
 from flockwatch.common.slices import SliceConfig
@@ -24,7 +32,7 @@ from flockwatch.common.voting import opinions_matrix
 from flockwatch.trainer.evaluate import decide_all, evaluate
 from flockwatch.trainer.pipeline import Progress, model_card
 
-REFIT = ("arbiter.json", CALIBRATORS, LEGACY_CALIBRATORS, "metrics.json", "model_card.md", "gate.json", MANIFEST)
+REFIT = ("arbiter.json", CALIBRATORS, pickle_of(CALIBRATORS), "metrics.json", "model_card.md", "gate.json", MANIFEST)
 
 
 def _outputs(champion: Path, texts: list[str], classes: list[str]) -> dict[str, np.ndarray]:

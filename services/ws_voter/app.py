@@ -7,14 +7,13 @@ from pathlib import Path
 
 import yaml
 from flockwatch.classical_voter.app import load_core as load_classical
-from flockwatch.common.artifacts import ArtifactError, dump_skops, load_skops, read_manifest, refuse_pickle
+from flockwatch.common.artifacts import ArtifactError, dump_skops, has_skops, load_skops, read_manifest
 from flockwatch.common.service import VoterCore, VoterService
 from flockwatch.regex_voter.app import load_core as load_regex
 from flockwatch.ws_voter.lfs import LabelModelSpec, LFSet, PatternLF, VoterLF
 from flockwatch.ws_voter.model import WSModel
 
 ARTIFACT = "ws.skops"
-LEGACY = "ws.joblib"  # the pickle of earlier versions: refused
 # what ws.skops may hold beyond what skops trusts by default: the model, its LFs and the label model's spec
 TRUSTED: tuple[type, ...] = (WSModel, LFSet, PatternLF, VoterLF, LabelModelSpec)
 DEFINITION = "ws_lfs.yaml"
@@ -45,8 +44,7 @@ def load_core(model_dir: Path) -> VoterCore | None:
     """The bundle's WS model (sha256-verified, rebuilt from skops with an allow-list of types) with the voter cores
     it reads, or None."""
     manifest = read_manifest(model_dir, verify=False)
-    refuse_pickle(model_dir, manifest, LEGACY)
-    if ARTIFACT not in manifest.files:
+    if not has_skops(model_dir, manifest, ARTIFACT):
         return None
     model = load_skops(model_dir, ARTIFACT, TRUSTED)
     if not isinstance(model, WSModel):

@@ -52,7 +52,8 @@ async def test_issue_19_attacks_on_services_as_processes_over_redis(
         FLOCKWATCH_BUNDLE_KEY=BUNDLE_KEY,
         FLOCKWATCH_GATEWAY_CACHE_URL=REDIS,
     )
-    cheap = set(load_policy(sms_bundle).expected_voters) - set(load_policy(sms_bundle).cascade_voters)
+    policy = load_policy(sms_bundle)
+    cheap = set(policy.expected_voters) - set(policy.cascade_voters)
     port = free_port()
     procs = [Proc(name, instance, env, tmp_path) for name, instance in SERVICES]
     gateway = Proc("gateway", "gateway-1", env, tmp_path, port)

@@ -12,9 +12,9 @@ from flockwatch.common.artifacts import (
     ArtifactError,
     Manifest,
     dump_skops,
+    has_skops,
     load_skops,
     read_manifest,
-    refuse_pickle,
     write_manifest,
 )
 
@@ -77,7 +77,9 @@ def test_a_pickle_is_not_read_as_a_model(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="not a readable skops file"):
         load_skops(directory, "model.skops", [Planted])
     with pytest.raises(ArtifactError, match="classical.joblib is a pickle"):
-        refuse_pickle(directory, manifest, "classical.joblib")
+        has_skops(directory, manifest, "classical.skops")
+    with pytest.raises(ArtifactError, match="classical.joblib is a pickle"):  # a required part: the same refusal
+        load_skops(directory, "classical.skops", [])
     assert not marker.exists()
 
 
